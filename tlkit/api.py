@@ -1,0 +1,154 @@
+"""`tlkit.fit`: the whole run, from a folder of images to a verified export.
+
+    config -> load_image_data -> build_classifier (+ augmenter) -> Trainer -> evaluate
+           -> run folder (config, data report, history, curves, .keras) -> export_classifier
+
+Every step is a public function of its own module; this one only wires them together and
+writes the run folder, so a Python user can replace any step.
+"""
+
+import csv
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras
+
+from tlkit.augment import build_augmenter
+from tlkit.config import FitConfig, build_config
+from tlkit.data import load_image_data, make_dataset
+from tlkit.errors import ConfigError
+from tlkit.export import export_classifier
+from tlkit.models import build_classifier
+from tlkit.plots import plot_history
+from tlkit.training import Trainer, evaluate
+
+
+@dataclass
+class FitResult:
+    """What `fit` produced."""
+
+    config: FitConfig  # the resolved settings
+    run_dir: Path  # run folder: config.json, data.json, history, curves.png, model.keras
+    export_path: Path  # the SavedModel version folder
+    history: list  # one dict per epoch
+    metrics: dict  # "val" (and "test") -> {"loss", "accuracy"} of the kept weights
+    model: keras.Model  # the trained Keras model
+
+
+def fit(data_dir=None, *, config=None, **options):
+    """Trains an image classifier on a folder of images and exports it as a SavedModel.
+
+    Args:
+        data_dir: folder with one subfolder per class.
+        config: a `FitConfig` (for example `FitConfig.load("runs/.../config.json")`);
+            options given as keywords override it.
+        **options: any setting of `tlkit.config` by field name, for example
+            `backbone="lenet5"`, `image_size=32`, `epochs=10`, `val_split=0.2`,
+            `test_split=0.1`, `augment="light"`, `flip="none"`, `export_dir="saved_models"`,
+            `seed=42`.
+
+    Returns:
+        A `FitResult` with the run folder, the export path, the history and the metrics.
+
+    Example:
+
+    >>> result = tlkit.fit("data/digits", flip="none", epochs=20)
+    >>> tlkit.load(result.export_path).predict("data/digits/3/3_0003.png")[0].label
+    '3'
+    """
+    if config is not None and not isinstance(config, FitConfig):
+        raise ConfigError(f"`config` must be a FitConfig. Received: config={config!r}")
+    config = build_config(config, data_dir=data_dir and os.fspath(data_dir), **options)
+    config = config.resolve()
+    verbose = config.train.verbose
+    keras.utils.set_random_seed(config.seed)
+
+    data = load_image_data(config.data, seed=config.seed, verbose=verbose)
+    try:
+        if verbose:
+            print(data.summary())
+        run_dir = _make_run_dir(config)
+        config.save(run_dir / "config.json")
+        _write_json(run_dir / "data.json", data.report())
+        _write_splits(run_dir / "splits.csv", data)
+
+        model = build_classifier(config.model.backbone, data.num_classes,
+                                 config.data.image_size, config.model.dropout)
+        augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed)
+        batch = config.data.batch_size
+        train_ds = make_dataset(data.splits["train"], batch, shuffle=True, seed=config.seed,
+                                augmenter=augmenter)
+        val_ds = make_dataset(data.splits["val"], batch)
+        stage = Trainer(model, verbose=verbose).train_stage(
+            train_ds, val_ds, epochs=config.train.epochs,
+            learning_rate=config.train.learning_rate, patience=config.train.patience,
+            name="train")
+        history = stage.history
+        metrics = {name: evaluate(model, make_dataset(data.splits[name], batch))
+                   for name in ("val", "test") if name in data.splits}
+
+        model.save(run_dir / "model.keras")
+        _write_json(run_dir / "history.json", history)
+        _write_csv(run_dir / "history.csv", history)
+        plot_history(history, run_dir / "curves.png", title=f"{config.export.name}: "
+                     f"{config.model.backbone} at {config.data.image_size}px")
+        export_path = export_classifier(
+            model, data.class_names, config.export.export_dir, config.export.name,
+            image_size=config.data.image_size, resize=config.data.resize,
+            version=config.export.version,
+            metadata={"backbone": config.model.backbone, "metrics": metrics,
+                      "epochs_trained": len(history), "best_epoch": stage.best_epoch,
+                      "data": {n: len(s) for n, s in data.splits.items()},
+                      "run_dir": str(run_dir), "config": config.to_dict()},
+            verify_images=data.splits["val"].images[:8],
+        )
+        _write_json(run_dir / "result.json", {"export_path": str(export_path),
+                                              "metrics": metrics,
+                                              "best_epoch": stage.best_epoch})
+    finally:
+        data.close()
+    if verbose:
+        for name, values in metrics.items():
+            print(f"{name}: loss={values['loss']:.4f} accuracy={values['accuracy']:.4f}")
+        print(f"Run folder: {run_dir}")
+        print(f"Exported: {export_path}")
+    return FitResult(config, run_dir, export_path, history, metrics, model)
+
+
+def _make_run_dir(config):
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(config.export.runs_dir) / config.export.name
+    for attempt in range(1000):
+        run_dir = base / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ConfigError(f"Cannot create run folder under {str(base)!r}: {e.strerror}. "
+                              "Choose another `runs_dir`.") from None
+    raise ConfigError(f"Cannot find a free run folder name under {str(base)!r}.")
+
+
+def _write_json(path, value):
+    Path(path).write_text(json.dumps(value, indent=2) + "\n")
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_splits(path, data):
+    rows = [{"file": file, "class": data.class_names[label], "split": name}
+            for name, split in data.splits.items()
+            for file, label in zip(split.files, split.labels)]
+    _write_csv(path, rows)

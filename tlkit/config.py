@@ -1,0 +1,246 @@
+"""Typed, validated settings for a tlkit run.
+
+A run is described by one `FitConfig`, made of four frozen dataclasses, one per stage of the
+data flow. The CLI builds it from flags (or from a JSON file written by an earlier run); the
+library validates every field when the object is made, so a bad value fails before any work
+starts, with a message that names the setting and the value received. `"auto"` values are
+resolved in one place, `FitConfig.resolve`, and the resolved config is saved in the run
+folder, so `tlkit fit --config run/config.json` repeats the run.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlkit.errors import ConfigError
+
+AUGMENT_PRESETS = ("none", "light", "standard", "heavy")
+FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+CACHE_MODES = ("auto", "memory", "disk")
+RESIZE_POLICIES = ("squash", "crop", "pad")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}")
+
+
+def _check_number(name, value, low, high=math.inf, *, integer=False, low_open=False):
+    kind = int if integer else (int, float)
+    bad_type = isinstance(value, bool) or not isinstance(value, kind)
+    if bad_type or value < low or value > high or (low_open and value == low):
+        span = f"{'>' if low_open else '>='} {low}"
+        if high != math.inf:
+            span += f" and <= {high}"
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"`{name}` must be {what} {span}. Received: {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they become tensors."""
+
+    data_dir: str  # folder with one subfolder per class
+    val_split: float = 0.2  # fraction of each class held out for validation
+    test_split: float = 0.0  # fraction of each class held out as a test set, never trained on
+    val_dir: str | None = None  # explicit validation folder (same classes); replaces val_split
+    image_size: int | str = "auto"  # side of the square model input; "auto": the backbone's
+    resize: str = "squash"  # squash | crop | pad: how an image becomes a square
+    batch_size: int = 32  # images per training step
+    cache: str = "auto"  # where decoded images live: memory | disk | auto (by size vs RAM)
+    cache_dir: str | None = None  # disk cache folder; None: ~/.cache/tlkit
+    workers: int = 0  # decoding threads; 0: one per CPU core
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ConfigError(f"`data_dir` must be a folder. Received: data_dir={self.data_dir!r}")
+        _check_number("val_split", self.val_split, 0.0, 0.9)
+        _check_number("test_split", self.test_split, 0.0, 0.9)
+        if self.val_split + self.test_split >= 1.0:
+            raise ConfigError(
+                "`val_split + test_split` must leave images to train on (< 1). Received: "
+                f"val_split={self.val_split!r}, test_split={self.test_split!r}"
+            )
+        if self.val_dir is None and self.val_split == 0:
+            raise ConfigError(
+                "Validation data is needed for early stopping: set `val_split` > 0 or "
+                f"`val_dir`. Received: val_split={self.val_split!r}, val_dir=None"
+            )
+        if self.image_size != "auto":
+            _check_number("image_size", self.image_size, 8, 1024, integer=True)
+        _check_choice("resize", self.resize, RESIZE_POLICIES)
+        _check_number("batch_size", self.batch_size, 1, integer=True)
+        _check_choice("cache", self.cache, CACHE_MODES)
+        _check_number("workers", self.workers, 0, integer=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network is built: backbone, head and training-time augmentation."""
+
+    backbone: str = "scratch"  # a name from `tlkit.backbones.list_backbones()`
+    dropout: float | str = "auto"  # head dropout rate; "auto": the backbone's default
+    augment: str = "standard"  # none | light | standard | heavy (see tlkit.augment)
+    flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
+
+    def __post_init__(self):
+        from tlkit.backbones import get_backbone
+
+        get_backbone(self.backbone)
+        if self.dropout != "auto":
+            _check_number("dropout", self.dropout, 0.0, 0.95)
+        _check_choice("augment", self.augment, AUGMENT_PRESETS)
+        _check_choice("flip", self.flip, FLIP_MODES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the network is trained."""
+
+    epochs: int = 30  # most epochs; early stopping usually ends sooner
+    learning_rate: float = 1e-3  # Adam's learning rate
+    patience: int = 5  # epochs without a better val_loss before stopping
+    verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
+
+    def __post_init__(self):
+        _check_number("epochs", self.epochs, 1, integer=True)
+        _check_number("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
+        _check_number("patience", self.patience, 1, integer=True)
+        _check_choice("verbose", self.verbose, (0, 1, 2))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Where the run folder and the SavedModel go."""
+
+    export_dir: str = "saved_models"  # export root: <export_dir>/<name>/<version>/
+    name: str = "auto"  # model name; "auto": the data folder's name
+    version: int | None = None  # None: the next free integer; an existing one is refused
+    runs_dir: str = "runs"  # run folders: <runs_dir>/<name>/<timestamp>/
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(
+                "`name` must be a plain folder name (no '/', not hidden). "
+                f"Received: name={self.name!r}"
+            )
+        if self.version is not None:
+            _check_number("version", self.version, 1, integer=True)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything `tlkit.fit` needs: one section per stage, plus the seed."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    seed: int = 42  # one seed for the split, initial weights, shuffling and augmentation
+
+    def __post_init__(self):
+        _check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
+
+    def resolve(self):
+        """Returns a copy with every `"auto"` value replaced by what it means for this run."""
+        from tlkit.backbones import get_backbone
+
+        spec = get_backbone(self.model.backbone)
+        data, model, export = self.data, self.model, self.export
+        if data.image_size == "auto":
+            data = dataclasses.replace(data, image_size=spec.default_size)
+        if data.image_size < spec.min_size:
+            raise ConfigError(
+                f"`image_size` must be >= {spec.min_size} for backbone {spec.name!r}. "
+                f"Received: image_size={data.image_size!r}"
+            )
+        if model.dropout == "auto":
+            model = dataclasses.replace(model, dropout=spec.default_dropout)
+        if export.name == "auto":
+            name = Path(data.data_dir).resolve().name or "model"
+            export = dataclasses.replace(export, name=name)
+        return dataclasses.replace(self, data=data, model=model, export=export)
+
+    def to_dict(self):
+        """The config as plain JSON-ready data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Builds a config from `to_dict` output; unknown keys are an error, not ignored."""
+        _check_keys("config", values, {*_SECTIONS, "seed"})
+        kwargs = {}
+        for key, section in _SECTIONS.items():
+            if key in values:
+                names = {f.name for f in dataclasses.fields(section)}
+                _check_keys(f"config[{key!r}]", values[key], names)
+                kwargs[key] = section(**values[key])
+        if "data" not in kwargs:
+            raise ConfigError("`config` must have a 'data' section with a 'data_dir'.")
+        if "seed" in values:
+            kwargs["seed"] = values["seed"]
+        return cls(**kwargs)
+
+    def save(self, path):
+        """Writes the config as JSON to `path`."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """Reads a config written by `save` (for example a run folder's `config.json`)."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"Cannot read config file {str(path)!r}: {e}") from None
+        return cls.from_dict(values)
+
+
+def _check_keys(where, values, allowed):
+    if not isinstance(values, dict):
+        raise ConfigError(f"`{where}` must be a JSON object. Received: {values!r}")
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"`{where}` has unknown keys {unknown}; allowed keys are {sorted(allowed)}."
+        )
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+             "export": ExportConfig}
+
+
+def build_config(base=None, **options):
+    """Builds a `FitConfig` from flat keyword options, each routed to its section by name.
+
+    Args:
+        base: a `FitConfig` to start from (for example one loaded from a run folder);
+            `None` starts from the defaults, and then `data_dir` is required.
+        **options: any field of `DataConfig`, `ModelConfig`, `TrainConfig`,
+            `ExportConfig`, or `seed`. `None` values are ignored (not given).
+
+    Returns:
+        A validated `FitConfig`.
+
+    Example:
+
+    >>> build_config(data_dir="data/digits", backbone="lenet5", epochs=5).model.backbone
+    'lenet5'
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    owners = {f.name: section for section, cls in _SECTIONS.items()
+              for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(owners) - {"seed"})
+    if unknown:
+        raise ConfigError(f"Unknown option(s) {unknown}. Known options: {sorted(owners)} "
+                          "and 'seed'.")
+    values = base.to_dict() if base is not None else {}
+    for key, value in options.items():
+        if key == "seed":
+            values["seed"] = value
+        else:
+            values.setdefault(owners[key], {})[key] = value
+    if "data" not in values or "data_dir" not in values["data"]:
+        raise ConfigError("`data_dir` is required: the folder with one subfolder per class.")
+    return FitConfig.from_dict(values)

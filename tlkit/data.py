@@ -1,0 +1,505 @@
+"""From a folder of images to training tensors: scan, validate, decode once, split, batch.
+
+    DATA_DIR/<class>/**/<image>  --scan_folder-->  files and labels
+        --decode (threads, Pillow, the image contract)-->  uint8 cache (RAM or disk)
+        --split_indices (stratified, seeded, duplicates together)-->  train / val / test
+        --make_dataset-->  tf.data batches (shuffled, augmented when training, prefetched)
+
+Every file is decoded once, before training starts: a file that fails is skipped and listed
+with its reason, so a bad image can never stop an epoch halfway.
+"""
+
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from tlkit import images as image_ops
+from tlkit.errors import DataError, ImageError
+
+SPLITS = ("train", "val", "test")
+
+
+def image_extensions():
+    """The file extensions tlkit treats as images: every one Pillow registers a decoder for."""
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN)
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """The image files found in a class-per-subfolder tree."""
+
+    root: str  # the scanned folder
+    class_names: tuple  # sorted names of the top-level subfolders
+    files: tuple  # image file paths, sorted within each class
+    labels: tuple  # class index of each file
+    ignored: tuple  # (path, reason) of entries that are not images or not followed
+
+
+def scan_folder(data_dir, class_names=None):
+    """Finds the images in `data_dir`, one top-level subfolder per class.
+
+    Images in nested folders belong to their top-level class. Hidden files and folders,
+    files whose extension is not an image format Pillow reads, and symlinked folders (never
+    followed, so links cannot loop) are listed in `ignored`.
+
+    Args:
+        data_dir: the folder to scan.
+        class_names: expected classes (for a validation folder); `None` takes the
+            subfolders found. A subfolder that is not one of them is an error.
+
+    Returns:
+        A `FolderScan`.
+
+    Raises:
+        DataError: if the folder is missing, has no class subfolders, or a class has no
+            image files.
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise DataError(f"Data folder {str(root)!r} does not exist.")
+    if not root.is_dir():
+        raise DataError(f"Data folder {str(root)!r} is not a folder.")
+    extensions = image_extensions()
+    ignored = []
+    found = []
+    for entry in sorted(root.iterdir()):
+        reason = _skip_reason(entry)
+        if reason is None and not entry.is_dir():
+            reason = "not in a class folder (images go in DATA_DIR/<class>/)"
+        if reason:
+            ignored.append((str(entry), reason))
+        else:
+            found.append(entry.name)
+    if not found:
+        raise DataError(
+            f"Data folder {str(root)!r} has no class subfolders. Put each class's images in "
+            "its own subfolder: DATA_DIR/<class>/<image>."
+        )
+    if class_names is not None:
+        unknown = sorted(set(found) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"Folder {str(root)!r} has classes that the training data does not: "
+                f"{unknown}. Expected only {list(class_names)}."
+            )
+    else:
+        class_names = found
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        class_files = _walk_class(root / name, extensions, ignored) if name in found else []
+        if not class_files and (root / name).exists():
+            raise DataError(
+                f"Class folder {str(root / name)!r} has no image files. Add images or remove "
+                "the folder."
+            )
+        files += class_files
+        labels += [label] * len(class_files)
+    return FolderScan(str(root), tuple(class_names), tuple(files), tuple(labels), tuple(ignored))
+
+
+def _skip_reason(entry):
+    if entry.name.startswith("."):
+        return "hidden"
+    if entry.is_symlink() and entry.is_dir():
+        return "symlinked folder (not followed)"
+    return None
+
+
+def _walk_class(folder, extensions, ignored):
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        for name in list(dirnames):
+            reason = _skip_reason(here / name)
+            if reason:
+                ignored.append((str(here / name), reason))
+                dirnames.remove(name)
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = here / name
+            reason = _skip_reason(path)
+            if reason is None and path.suffix.lower() not in extensions:
+                reason = "not an image file extension"
+            if reason:
+                ignored.append((str(path), reason))
+            else:
+                files.append(str(path))
+    return files
+
+
+class ImageCache:
+    """Decoded, resized uint8 images, in memory or in a file on disk (`np.memmap`).
+
+    Decoding is paid once per run: every epoch reads from here.
+    """
+
+    def __init__(self, count, image_size, mode="auto", cache_dir=None):
+        shape = (count, image_size, image_size, 3)
+        nbytes = int(np.prod(shape))
+        if mode == "auto":
+            mode = "disk" if nbytes > _available_memory() // 2 else "memory"
+        self.mode = mode
+        self._file = None
+        if mode == "memory":
+            self.array = np.zeros(shape, np.uint8)
+        else:
+            folder = Path(cache_dir or default_cache_dir()) / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.NamedTemporaryFile(dir=folder, suffix=".u8")
+            self.array = np.memmap(self._file.name, np.uint8, "w+", shape=shape)
+
+    @property
+    def nbytes(self):
+        """Size of the cached pixels in bytes."""
+        return self.array.nbytes
+
+    def close(self):
+        """Deletes the disk file, if any."""
+        if self._file is not None:
+            self.array = None
+            self._file.close()
+            self._file = None
+
+
+def default_cache_dir():
+    """`$TLKIT_CACHE_DIR`, or `$XDG_CACHE_HOME/tlkit`, or `~/.cache/tlkit`."""
+    if os.environ.get("TLKIT_CACHE_DIR"):
+        return Path(os.environ["TLKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tlkit"
+
+
+def _available_memory():
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+@dataclass
+class DecodedImages:
+    """The result of decoding a list of files into an `ImageCache`."""
+
+    cache: ImageCache  # pixels of every file, by position (failed files stay zero)
+    ok: np.ndarray  # bool per file: decoded
+    digests: list  # SHA-1 of each file's bytes (None where unreadable)
+    skipped: list  # (path, reason) of files that failed
+
+
+def decode_images(files, image_size, resize="squash", cache="auto", cache_dir=None,
+                  workers=0, max_pixels=image_ops.DEFAULT_MAX_PIXELS, verbose=1):
+    """Decodes and resizes every file into a uint8 cache, in parallel, with a progress bar.
+
+    Args:
+        files: image paths.
+        image_size: side of the square output.
+        resize: resize policy, see `tlkit.images.RESIZE_POLICIES`.
+        cache: `"memory"`, `"disk"` or `"auto"` (disk when the pixels need more than half
+            the free memory).
+        cache_dir: folder for a disk cache.
+        workers: decoding threads; 0 uses one per CPU core.
+        max_pixels: larger images are skipped as possible decompression bombs.
+        verbose: 0 silent, else a progress bar.
+
+    Returns:
+        `DecodedImages`.
+    """
+    import keras
+
+    cache = ImageCache(len(files), image_size, cache, cache_dir)
+    resize_fn = image_ops._resize_fn(resize, image_size)
+    ok = np.zeros(len(files), bool)
+    digests = [None] * len(files)
+    skipped = []
+
+    def work(index):
+        path = files[index]
+        try:
+            with open(path, "rb") as f:
+                digests[index] = hashlib.sha1(f.read()).hexdigest()
+            cache.array[index] = resize_fn(image_ops.decode_file(path, max_pixels)).numpy()
+            ok[index] = True
+        except ImageError as e:
+            return (e.path, e.reason)
+        except OSError as e:
+            return (path, f"cannot read file: {e.strerror or e}")
+        return None
+
+    progbar = keras.utils.Progbar(len(files), unit_name="image") if verbose and files else None
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, failure in enumerate(pool.map(work, range(len(files))), start=1):
+            if failure:
+                skipped.append(failure)
+            if progbar and (done % 64 == 0 or done == len(files)):
+                progbar.update(done)
+    return DecodedImages(cache, ok, digests, skipped)
+
+
+def split_indices(labels, digests, fractions, seed):
+    """A seeded, stratified split that keeps identical files in the same split.
+
+    Each class is split on its own so every split has the class's share of images. Files
+    with the same content (same digest) form one group that goes to one split as a whole,
+    even when the copies sit in different classes, so no image is trained on and validated.
+
+    Args:
+        labels: class index per file.
+        digests: content digest per file (files with equal digests are kept together).
+        fractions: dict with the fraction of each class for `"val"` and `"test"`; the rest
+            is `"train"`.
+        seed: seed of the shuffle.
+
+    Returns:
+        A dict from split name to a sorted numpy array of indices into `labels`.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    group_split = {}
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        groups = {}
+        for index in members:
+            groups.setdefault(digests[index], []).append(index)
+        targets = _split_targets(len(members), fractions)
+        counts = dict.fromkeys(SPLITS, 0)
+        free = []
+        for digest, group in groups.items():
+            if digest in group_split:
+                counts[group_split[digest]] += len(group)
+            else:
+                free.append(digest)
+        for position in rng.permutation(len(free)):
+            digest = free[position]
+            name = next((s for s in ("test", "val") if counts[s] < targets[s]), "train")
+            group_split[digest] = name
+            counts[name] += len(groups[digest])
+    assignment = np.array([group_split[digests[i]] for i in range(len(labels))])
+    return {name: np.flatnonzero(assignment == name) for name in SPLITS}
+
+
+def _split_targets(count, fractions):
+    targets = {}
+    for name, minimum_count in (("test", 3), ("val", 2)):
+        fraction = fractions.get(name, 0.0)
+        target = int(round(count * fraction))
+        if fraction > 0 and target == 0 and count >= minimum_count:
+            target = 1
+        targets[name] = target
+    while targets["test"] + targets["val"] >= count and (targets["test"] or targets["val"]):
+        largest = max(("test", "val"), key=lambda s: targets[s])
+        targets[largest] -= 1
+    return targets
+
+
+@dataclass
+class Split:
+    """One split of the data: indices into the shared cache, labels and file names."""
+
+    name: str
+    cache: ImageCache = field(repr=False)
+    indices: np.ndarray
+    labels: np.ndarray
+    files: list
+
+    def __len__(self):
+        return len(self.indices)
+
+    @property
+    def images(self):
+        """The split's uint8 images, shape `(n, size, size, 3)`."""
+        return np.asarray(self.cache.array[self.indices])
+
+    def class_counts(self, num_classes):
+        """Number of images per class index."""
+        return np.bincount(self.labels, minlength=num_classes)
+
+
+@dataclass
+class ImageData:
+    """A loaded data set: class names, splits and everything that was left out."""
+
+    class_names: list
+    image_size: int
+    resize: str
+    splits: dict  # split name -> Split (only the non-empty ones)
+    skipped: list  # (path, reason) of image files that could not be used
+    ignored: list  # (path, reason) of entries that are not images or were not followed
+    warnings: list = field(default_factory=list)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def summary(self):
+        """A text table of images per class per split, then skipped files and warnings."""
+        names = [s for s in SPLITS if s in self.splits]
+        width = max(len("class"), *(len(c) for c in self.class_names))
+        lines = ["  ".join([f"{'class':<{width}}", *(f"{n:>6}" for n in names)])]
+        counts = {n: self.splits[n].class_counts(self.num_classes) for n in names}
+        for index, class_name in enumerate(self.class_names):
+            cells = (f"{int(counts[n][index]):>6}" for n in names)
+            lines.append("  ".join([f"{class_name:<{width}}", *cells]))
+        totals = (f"{len(self.splits[n]):>6}" for n in names)
+        lines.append("  ".join([f"{'total':<{width}}", *totals]))
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} file(s) that could not be used:")
+            lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        non_hidden = [p for p, reason in self.ignored if reason != "hidden"]
+        if non_hidden:
+            lines.append(f"Ignored {len(non_hidden)} non-image or unfollowed entr(ies).")
+        lines += [f"Warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def report(self):
+        """A JSON-ready dict of the split sizes, the skipped files and the warnings."""
+        return {
+            "class_names": list(self.class_names),
+            "counts": {n: self.splits[n].class_counts(self.num_classes).tolist()
+                       for n in self.splits},
+            "skipped": [{"file": p, "reason": r} for p, r in self.skipped],
+            "ignored": [{"file": p, "reason": r} for p, r in self.ignored],
+            "warnings": list(self.warnings),
+        }
+
+    def close(self):
+        """Frees the image cache (deletes a disk cache file)."""
+        for split in self.splits.values():
+            split.cache.close()
+
+
+def load_image_data(config, seed=42, verbose=1):
+    """Scans, validates, decodes and splits the images a `DataConfig` points at.
+
+    Args:
+        config: a `tlkit.config.DataConfig` whose `image_size` is resolved (an integer).
+        seed: seed of the split.
+        verbose: 0 silent, else progress bars while decoding.
+
+    Returns:
+        `ImageData` with `"train"`, `"val"` and, when `test_split > 0`, `"test"` splits.
+
+    Raises:
+        DataError: if the folder cannot be used (missing, no classes, fewer than two
+            classes, a class with no usable image).
+    """
+    scan = scan_folder(config.data_dir)
+    if len(scan.class_names) < 2:
+        raise DataError(
+            f"Data folder {scan.root!r} has only one class ({scan.class_names[0]!r}); a "
+            "classifier needs at least two class subfolders."
+        )
+    decode = dict(image_size=config.image_size, resize=config.resize, cache=config.cache,
+                  cache_dir=config.cache_dir, workers=config.workers, verbose=verbose)
+    decoded = decode_images(scan.files, **decode)
+    labels = np.asarray(scan.labels, np.int64)
+    _check_every_class_usable(scan, labels, decoded.ok)
+    usable = np.flatnonzero(decoded.ok)
+    fractions = {"test": config.test_split,
+                 "val": 0.0 if config.val_dir else config.val_split}
+    parts = split_indices(labels[usable], [decoded.digests[i] for i in usable], fractions,
+                          seed)
+    splits = {}
+    for name, positions in parts.items():
+        if len(positions):
+            indices = usable[positions]
+            splits[name] = Split(name, decoded.cache, indices, labels[indices],
+                                 [scan.files[i] for i in indices])
+    skipped, ignored = list(decoded.skipped), list(scan.ignored)
+    if config.val_dir:
+        val_scan = scan_folder(config.val_dir, class_names=scan.class_names)
+        val_decoded = decode_images(val_scan.files, **decode)
+        val_usable = np.flatnonzero(val_decoded.ok)
+        val_labels = np.asarray(val_scan.labels, np.int64)[val_usable]
+        splits["val"] = Split("val", val_decoded.cache, val_usable, val_labels,
+                              [val_scan.files[i] for i in val_usable])
+        skipped += val_decoded.skipped
+        ignored += val_scan.ignored
+    data = ImageData(list(scan.class_names), config.image_size, config.resize, splits,
+                     skipped, ignored, _duplicate_warnings(scan, labels, decoded))
+    if "val" not in splits or not len(splits["val"]):
+        raise DataError(
+            f"No validation images: {scan.root!r} is too small for val_split="
+            f"{config.val_split}. Add images, raise `val_split` or pass `val_dir`."
+        )
+    return data
+
+
+def _check_every_class_usable(scan, labels, ok):
+    for label, name in enumerate(scan.class_names):
+        if not ok[labels == label].any():
+            raise DataError(
+                f"Class {name!r} has no image that can be decoded (all of its files were "
+                f"skipped; see the list above). Fix or remove {scan.root}/{name}."
+            )
+
+
+def _duplicate_warnings(scan, labels, decoded):
+    classes_of = {}
+    for index in np.flatnonzero(decoded.ok):
+        classes_of.setdefault(decoded.digests[index], set()).add(int(labels[index]))
+    clashes = sum(1 for classes in classes_of.values() if len(classes) > 1)
+    if not clashes:
+        return []
+    return [f"{clashes} identical image(s) appear in more than one class; each copy keeps "
+            "its folder's label (check for mislabelled files)."]
+
+
+def make_dataset(split, batch_size, shuffle=False, seed=None, augmenter=None):
+    """Batches a split as a `tf.data.Dataset` of `(float32 images 0..255, int64 labels)`.
+
+    Args:
+        split: a `Split`.
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (seeded by `seed`).
+        seed: seed of the shuffle.
+        augmenter: a Keras model applied to each batch with `training=True` (see
+            `tlkit.augment.build_augmenter`), or `None`.
+
+    Returns:
+        A prefetched `tf.data.Dataset`.
+    """
+    if isinstance(split.cache.array, np.memmap):
+        dataset = _memmap_dataset(split, batch_size, shuffle, seed)
+    else:
+        dataset = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+        if shuffle:
+            dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.batch(batch_size)
+    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    if augmenter is not None:
+        dataset = dataset.map(lambda x, y: (augmenter(x, training=True), y),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _memmap_dataset(split, batch_size, shuffle, seed):
+    array, indices, labels = split.cache.array, split.indices, split.labels
+    size = array.shape[1]
+
+    def gather(positions):
+        positions = np.sort(positions)
+        return np.asarray(array[indices[positions]]), labels[positions]
+
+    dataset = tf.data.Dataset.range(len(split))
+    if shuffle:
+        dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(
+        lambda p: tf.numpy_function(gather, [p], (tf.uint8, tf.int64)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.map(lambda x, y: (tf.ensure_shape(x, [None, size, size, 3]),
+                                     tf.ensure_shape(y, [None])))
+

@@ -1,0 +1,211 @@
+"""Export: a trained classifier as a versioned TensorFlow SavedModel that needs no tlkit.
+
+Layout (TF Serving's): `<export_dir>/<name>/<version>/` holding `saved_model.pb`,
+`variables/` and `assets/` with `labels.txt` (one class per line, in index order) and
+`tlkit.json` (metadata: backbone, image size, resize policy, class names, metrics, versions).
+
+Signatures:
+
+- `serving_default`: `image_bytes` (tf.string [None], encoded JPEG/PNG/GIF/BMP/WebP) ->
+  `probabilities` (float32 [None, classes]), `class_ids` (int64 [None]), `class_names`
+  (tf.string [None], top-1). Decoding, resizing and preprocessing run inside the graph with
+  the same rule as training (`tlkit.images`).
+- `predict_images`: `images` (float32 [None, H, W, 3], pixels 0..255, already resized) ->
+  the same outputs.
+
+A version is written to a hidden temporary folder beside its destination, reloaded and checked
+against the in-memory model, and only then renamed into place: a crash leaves no half-written
+version behind, and an existing version is never overwritten.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkit import __version__
+from tlkit.errors import ExportError
+from tlkit.images import decode_bytes, resize_image
+
+METADATA_FILE = "tlkit.json"
+LABELS_FILE = "labels.txt"
+FORMAT_VERSION = 1
+VERIFY_TOLERANCE = 1e-5
+
+
+def export_classifier(model, class_names, export_dir, name, *, image_size, resize,
+                      version=None, metadata=None, verify_images=None):
+    """Writes `model` as `<export_dir>/<name>/<version>/`, atomically, and returns that path.
+
+    Args:
+        model: a tlkit classifier (float32 images 0..255 -> probabilities).
+        class_names: class name per output index.
+        export_dir: export root folder (created if missing).
+        name: model name, the folder above the versions.
+        image_size: the model's input side.
+        resize: the resize policy applied by the serving graph.
+        version: integer version; `None` takes the next free one. An existing version is
+            refused.
+        metadata: extra JSON-ready metadata (backbone, metrics, ...) for `tlkit.json`.
+        verify_images: a few uint8 images `(n, size, size, 3)` used to check the written
+            export against `model`; `None` checks with one mid-grey image.
+
+    Returns:
+        The `pathlib.Path` of the new version folder.
+
+    Raises:
+        ExportError: if the version exists, the folder cannot be written, or the written
+            export does not reproduce the model's predictions.
+    """
+    class_names = [str(c) for c in class_names]
+    if len(class_names) != model.output_shape[-1]:
+        raise ExportError(
+            f"`class_names` must have one name per model output ({model.output_shape[-1]}). "
+            f"Received: {len(class_names)} names"
+        )
+    parent = Path(export_dir) / name
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"Cannot create export folder {str(parent)!r}: {e.strerror}. "
+                          "Choose another `--export-dir`.") from None
+    version = next_version(parent) if version is None else int(version)
+    target = parent / str(version)
+    if target.exists():
+        raise ExportError(
+            f"Export version {str(target)!r} already exists and is never overwritten. "
+            "Choose another `version` or leave it unset for the next free one."
+        )
+    staging = parent / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write(model, class_names, staging, image_size, resize,
+               {**(metadata or {}), "name": name, "version": version})
+        if verify_images is None:
+            verify_images = np.full((1, image_size, image_size, 3), 128, np.uint8)
+        verify_export(staging, model, verify_images)
+        os.rename(staging, target)
+    except OSError as e:
+        raise ExportError(f"Cannot write export {str(target)!r}: {e}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def next_version(model_dir):
+    """The next free integer version under `model_dir` (1 if there is none)."""
+    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _outputs(probabilities, class_names):
+    class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+    return {
+        "probabilities": probabilities,
+        "class_ids": class_ids,
+        "class_names": tf.gather(tf.constant(class_names), class_ids),
+    }
+
+
+def _write(model, class_names, path, image_size, resize, metadata):
+    size = int(image_size)
+
+    def predict_images(images):
+        return _outputs(model(images, training=False), class_names)
+
+    def serving_default(image_bytes):
+        def one(data):
+            return tf.cast(resize_image(decode_bytes(data), size, resize), tf.float32)
+
+        images = tf.map_fn(one, image_bytes,
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        return predict_images(images)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serving_default,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint("predict_images", predict_images,
+                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
+                                                        name="images")])
+    archive.write_out(str(path), verbose=False)
+    assets = path / "assets"
+    assets.mkdir(exist_ok=True)
+    (assets / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names))
+    full = {
+        "format": "tlkit-savedmodel",
+        "format_version": FORMAT_VERSION,
+        "class_names": class_names,
+        "image_size": size,
+        "resize": resize,
+        "input_range": [0, 255],
+        "signatures": {"serving_default": "image_bytes", "predict_images": "images"},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"tlkit": __version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "python": platform.python_version()},
+        **metadata,
+    }
+    (assets / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n")
+
+
+def verify_export(path, model, images):
+    """Reloads an export and checks its `predict_images` output against `model`.
+
+    Args:
+        path: the export folder.
+        model: the in-memory Keras model it was written from.
+        images: uint8 images `(n, size, size, 3)` to compare on.
+
+    Raises:
+        ExportError: if the largest difference in probabilities exceeds 1e-5.
+    """
+    loaded = tf.saved_model.load(str(path))
+    batch = tf.constant(np.asarray(images), tf.float32)
+    exported = loaded.signatures["predict_images"](images=batch)["probabilities"].numpy()
+    expected = np.asarray(model(batch, training=False))
+    difference = float(np.max(np.abs(exported - expected)))
+    if difference > VERIFY_TOLERANCE:
+        raise ExportError(
+            f"The export in {str(path)!r} does not reproduce the model: probabilities differ "
+            f"by {difference:.2e} (> {VERIFY_TOLERANCE}). Nothing was written."
+        )
+
+
+def read_metadata(path):
+    """Reads the `tlkit.json` metadata of an export folder.
+
+    Raises:
+        ExportError: if `path` is not a tlkit export.
+    """
+    path = Path(path)
+    meta_file = path / "assets" / METADATA_FILE
+    if not (path / "saved_model.pb").is_file() or not meta_file.is_file():
+        raise ExportError(
+            f"{str(path)!r} is not a tlkit export (expected saved_model.pb and "
+            f"assets/{METADATA_FILE}). Pass the version folder, e.g. saved_models/NAME/1."
+        )
+    try:
+        return json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"Cannot read {str(meta_file)!r}: {e}") from None
+
+
+def find_latest_export(export_dir="saved_models"):
+    """The most recently written tlkit export below `export_dir`, or raises `ExportError`."""
+    candidates = [meta.parent.parent for meta in Path(export_dir).glob(f"*/*/assets/{METADATA_FILE}")
+                  if meta.parent.parent.name.isdigit()]
+    if not candidates:
+        raise ExportError(
+            f"No tlkit export found under {str(export_dir)!r}. Train one with `tlkit fit "
+            "DATA_DIR` or pass `--model PATH`."
+        )
+    return max(candidates, key=lambda p: (p / "saved_model.pb").stat().st_mtime)

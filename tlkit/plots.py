@@ -1,0 +1,40 @@
+"""PNG figures of a run: training curves with stage boundaries."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_history(history, path, title="Training"):
+    """Writes loss and accuracy curves (train and validation) per epoch as a PNG.
+
+    Args:
+        history: list of per-epoch dicts with `stage`, `loss`, `accuracy`, `val_loss`,
+            `val_accuracy` (as in `tlkit.training.StageResult.history`).
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        `path`.
+    """
+    epochs = range(1, len(history) + 1)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        axis.plot(epochs, [h[metric] for h in history], "o-", ms=3, label="train")
+        axis.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", ms=3, label="validation")
+        boundaries = [i for i in range(1, len(history)) if history[i]["stage"] != history[i - 1]["stage"]]
+        for boundary in boundaries:
+            axis.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
+            axis.text(boundary + 0.6, axis.get_ylim()[1], history[boundary]["stage"],
+                      va="top", fontsize=8, color="grey")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -1,0 +1,175 @@
+"""Prediction from an export: load once, decode files with the training contract, batch.
+
+`load(path)` returns a `Classifier`. Its `predict` decodes files with Pillow and resizes them
+with `tlkit.images` (the rule the model was trained with, so EXIF orientation, TIFF, CMYK and
+16-bit files work as in training), then calls the export's `predict_images` signature in
+batches. A file that cannot be read gets an error entry; the others are still predicted.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import tensorflow as tf
+
+from tlkit.config import _check_number
+from tlkit.data import image_extensions
+from tlkit.errors import DataError, ImageError
+from tlkit.export import find_latest_export, read_metadata
+from tlkit.images import load_image
+
+
+@dataclass
+class Prediction:
+    """The top-k classes for one input, or the error that prevented it."""
+
+    source: str  # file path, or "array[i]" for in-memory images
+    labels: list = field(default_factory=list)  # top-k class names, most probable first
+    probabilities: list = field(default_factory=list)  # their probabilities
+    error: str | None = None  # why this input could not be predicted
+
+    @property
+    def label(self):
+        """The top-1 class name (None on error)."""
+        return self.labels[0] if self.labels else None
+
+    def to_dict(self):
+        """JSON-ready form."""
+        return {"file": self.source, "labels": self.labels,
+                "probabilities": [round(p, 6) for p in self.probabilities],
+                "error": self.error}
+
+
+class Classifier:
+    """A tlkit export loaded for prediction. Use `tlkit.load(path)` to make one.
+
+    Attributes:
+        path: the export folder.
+        metadata: its `tlkit.json` contents.
+        class_names: class name per output index.
+        image_size: input side in pixels.
+        resize: resize policy.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)
+        self.class_names = list(self.metadata["class_names"])
+        self.image_size = int(self.metadata["image_size"])
+        self.resize = self.metadata["resize"]
+        self._saved = tf.saved_model.load(str(self.path))
+        self._predict_images = self._saved.signatures["predict_images"]
+
+    def predict_arrays(self, images, batch_size=64):
+        """Probabilities for images already at the model's size.
+
+        Args:
+            images: array `(n, size, size, 3)`, pixel values 0..255.
+            batch_size: images per forward pass.
+
+        Returns:
+            float32 array `(n, num_classes)`.
+        """
+        images = np.asarray(images, np.float32)
+        out = [self._predict_images(images=tf.constant(images[i:i + batch_size]))
+               ["probabilities"].numpy() for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def predict(self, inputs, top_k=3, batch_size=64, workers=0):
+        """Predicts the top-k classes for image files and folders.
+
+        Args:
+            inputs: a path or a list of paths; a folder contributes every image file below
+                it (sorted, hidden files skipped).
+            top_k: number of classes per prediction (at most the number of classes).
+            batch_size: images per forward pass.
+            workers: decoding threads; 0: one per CPU core.
+
+        Returns:
+            A list of `Prediction`, in input order; unreadable files carry `error`.
+
+        Raises:
+            DataError: if a folder holds no image files.
+        """
+        _check_number("top_k", top_k, 1, integer=True)
+        _check_number("batch_size", batch_size, 1, integer=True)
+        top_k = min(top_k, len(self.class_names))
+        files = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+        results = [Prediction(str(f)) for f in files]
+
+        def decode(path):
+            try:
+                return load_image(path, self.image_size, self.resize)
+            except ImageError as e:
+                return e.reason
+
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            for start in range(0, len(files), batch_size):
+                decoded = list(pool.map(decode, files[start:start + batch_size]))
+                good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+                for i, d in enumerate(decoded):
+                    if isinstance(d, str):
+                        results[start + i].error = d
+                if not good:
+                    continue
+                probabilities = self.predict_arrays(np.stack([decoded[i] for i in good]),
+                                                    batch_size)
+                for i, row in zip(good, probabilities):
+                    order = np.argsort(-row, kind="stable")[:top_k]
+                    results[start + i].labels = [self.class_names[j] for j in order]
+                    results[start + i].probabilities = [float(row[j]) for j in order]
+        return results
+
+
+def expand_inputs(paths):
+    """Expands files and folders into a list of image files (folders: recursive, sorted).
+
+    A path that is not a folder is kept as it is, so a missing or unreadable file becomes an
+    error entry of its own instead of stopping the others.
+
+    Raises:
+        DataError: if a folder has no image files.
+    """
+    extensions = image_extensions()
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and p.suffix.lower() in extensions
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"Folder {str(path)!r} has no image files to predict.")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def load(path=None, export_dir="saved_models"):
+    """Loads a tlkit export for prediction.
+
+    Args:
+        path: an export version folder (`saved_models/NAME/VERSION`), or a model folder
+            (`saved_models/NAME`, its highest version); `None` takes the newest export under
+            `export_dir`.
+        export_dir: where to look when `path` is None.
+
+    Returns:
+        A `Classifier`.
+
+    Example:
+
+    >>> classifier = tlkit.load("saved_models/digits/1")
+    >>> classifier.predict("photo.png", top_k=3)[0].label
+    """
+    if path is None:
+        path = find_latest_export(export_dir)
+    path = Path(path)
+    versions = [p for p in path.glob("*") if p.name.isdigit() and (p / "saved_model.pb").exists()]
+    if not (path / "saved_model.pb").exists() and versions:
+        path = max(versions, key=lambda p: int(p.name))
+    return Classifier(path)
