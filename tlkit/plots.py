@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_history(history, path, title="Training"):
@@ -29,6 +30,7 @@ def plot_history(history, path, title="Training"):
             axis.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
             axis.text(boundary + 0.6, axis.get_ylim()[1], history[boundary]["stage"],
                       va="top", fontsize=8, color="grey")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)

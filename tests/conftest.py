@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny generated image folders, the bundled digits, quiet TensorFlow."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "data" / "digits"
+
+
+def make_class_image(label, index, size=16, seed=0):
+    """A uint8 RGB image whose class shows as a bright bar position plus noise."""
+    rng = np.random.default_rng(seed * 100_003 + label * 1009 + index)
+    image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    band = size // 4
+    start = (label * band) % (size - band + 1)
+    image[:, start:start + band, :] = 200 + rng.integers(0, 55, (size, band, 3), dtype=np.uint8)
+    return image
+
+
+def write_image_folder(root, classes=("a", "b"), per_class=10, size=16, fmt="png", seed=0):
+    """Writes `per_class` distinct images per class into `root/<class>/`; returns `root`."""
+    root = Path(root)
+    for label, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            image = make_class_image(label, index, size, seed)
+            Image.fromarray(image).save(folder / f"{name}_{index:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A factory: `image_folder(classes=..., per_class=..., size=..., fmt=...)` -> folder."""
+
+    def make(name="images", **kwargs):
+        return write_image_folder(tmp_path / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def digits_dir():
+    """The bundled sample data set."""
+    assert DIGITS.is_dir(), "data/digits is missing"
+    return DIGITS

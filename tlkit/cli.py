@@ -1,0 +1,200 @@
+"""The `tlkit` command line: a thin click layer over the library.
+
+Each command parses its flags, builds the library's config or arguments, makes one library
+call and prints the result. tlkit's own errors (`TlkitError`) are shown as one clear line,
+without a traceback. TensorFlow is imported only inside commands, so `--help` is instant.
+"""
+
+import csv
+import functools
+import json
+import os
+import sys
+
+import click
+
+from tlkit import __version__
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _user_errors(command):
+    """Turns tlkit's errors into click errors: one line, exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from tlkit.errors import TlkitError
+
+        try:
+            return command(*args, **kwargs)
+        except TlkitError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("Interrupted.") from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="tlkit")
+def main():
+    """tlkit: a folder of images in, a TensorFlow SavedModel image classifier out.
+
+    \b
+    Quick start:
+      tlkit fit data/digits --flip none     # train, evaluate, export to saved_models/
+      tlkit predict data/digits/3/3_0003.png
+    """
+
+
+@main.command()
+@click.argument("data_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Re-run a saved config.json (flags given here override it).")
+@click.option("--backbone", help="Network to train: scratch (default) or lenet5; see "
+              "`tlkit backbones`.")
+@click.option("--image-size", type=int, help="Side of the square model input in pixels "
+              "[default: the backbone's, 32 for scratch and lenet5].")
+@click.option("--resize", type=click.Choice(["squash", "crop", "pad"]),
+              help="How images become square: stretch, centre-crop, or pad [default: squash].")
+@click.option("--val-split", type=float, help="Fraction of each class for validation "
+              "[default: 0.2].")
+@click.option("--test-split", type=float, help="Fraction of each class held out as a test "
+              "set, reported separately [default: 0].")
+@click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
+              help="A separate validation folder with the same classes (replaces --val-split).")
+@click.option("--epochs", type=int, help="Most epochs [default: 30]; early stopping usually "
+              "ends sooner.")
+@click.option("--learning-rate", "--lr", "learning_rate", type=float,
+              help="Adam learning rate [default: 0.001].")
+@click.option("--patience", type=int, help="Epochs without a better val_loss before "
+              "stopping [default: 5].")
+@click.option("--batch-size", type=int, help="Images per step [default: 32].")
+@click.option("--dropout", type=float, help="Head dropout rate [default: the backbone's].")
+@click.option("--augment", type=click.Choice(["none", "light", "standard", "heavy"]),
+              help="Augmentation preset, used in training only [default: standard].")
+@click.option("--flip", type=click.Choice(["none", "horizontal", "vertical",
+                                           "horizontal_and_vertical"]),
+              help="Random flips in training [default: horizontal]; `none` for digits/text.")
+@click.option("--seed", type=int, help="Seed for the split, weights, shuffling and "
+              "augmentation [default: 42].")
+@click.option("--export-dir", type=click.Path(file_okay=False),
+              help="Export root [default: saved_models].")
+@click.option("--name", help="Model name [default: the data folder's name].")
+@click.option("--version", "version", type=int, help="Export version; refused if it exists "
+              "[default: the next free one].")
+@click.option("--runs-dir", type=click.Path(file_okay=False),
+              help="Where run folders go [default: runs].")
+@click.option("--cache", type=click.Choice(["auto", "memory", "disk"]),
+              help="Where decoded images are kept [default: auto, by size vs free RAM].")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Folder of the disk cache [default: ~/.cache/tlkit].")
+@click.option("--workers", type=int, help="Image decoding threads [default: one per core].")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the export path.")
+@_user_errors
+def fit(data_dir, config_file, quiet, **options):
+    """Train a classifier on DATA_DIR (one subfolder per class) and export it.
+
+    Loads and checks every image (bad files are skipped and listed), splits each class
+    into train/validation (and test), trains with early stopping, writes a run folder
+    (config, history, curves.png, model.keras) and exports a SavedModel to
+    EXPORT_DIR/NAME/VERSION.
+
+    \b
+    Example:
+      tlkit fit data/digits --flip none --test-split 0.1
+      tlkit fit ./photos --image-size 64 --augment heavy --epochs 50
+      tlkit fit --config runs/digits/20250101-120000/config.json
+    """
+    from tlkit.api import fit as run_fit
+    from tlkit.config import FitConfig
+
+    base = FitConfig.load(config_file) if config_file else None
+    if base is None and data_dir is None:
+        raise click.UsageError("Give DATA_DIR or --config FILE.")
+    if quiet:
+        options["verbose"] = 0
+    result = run_fit(data_dir, config=base, **options)
+    click.echo(str(result.export_path) if quiet else f"Done. Model: {result.export_path}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
+              help="Export folder (saved_models/NAME/VERSION, or NAME for its newest) "
+              "[default: the newest export under ./saved_models].")
+@click.option("-k", "--top-k", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Classes shown per image.")
+@click.option("--format", "output_format", default="table", show_default=True,
+              type=click.Choice(["table", "json", "csv"]), help="Output format.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
+@_user_errors
+def predict(inputs, model_path, top_k, output_format, batch_size):
+    """Predict the top-k classes of image files or folders (searched recursively).
+
+    A file that cannot be read gets an error line on stderr, the others are still
+    predicted, and the exit code is then 1.
+
+    \b
+    Example:
+      tlkit predict data/digits/3/3_0003.png
+      tlkit predict photos/ --model saved_models/photos/2 --top-k 1 --format csv
+    """
+    from tlkit.predict import load
+
+    classifier = load(model_path)
+    predictions = classifier.predict(list(inputs), top_k=top_k, batch_size=batch_size)
+    _PRINTERS[output_format](predictions, top_k)
+    failed = [p for p in predictions if p.error]
+    for p in failed:
+        click.echo(f"Error: {p.source}: {p.error}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _print_table(predictions, top_k):
+    ok = [p for p in predictions if not p.error]
+    width = max((len(p.source) for p in ok), default=4)
+    for p in ok:
+        ranked = "  ".join(f"{label} ({prob:.1%})" for label, prob in
+                           zip(p.labels, p.probabilities))
+        click.echo(f"{p.source:<{width}}  {ranked}")
+
+
+def _print_json(predictions, top_k):
+    click.echo(json.dumps([p.to_dict() for p in predictions], indent=2))
+
+
+def _print_csv(predictions, top_k):
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["file", *[f"{kind}_{i}" for i in range(1, top_k + 1)
+                               for kind in ("label", "probability")], "error"])
+    for p in predictions:
+        cells = [c for pair in zip(p.labels, p.probabilities) for c in (pair[0], f"{pair[1]:.6f}")]
+        cells += [""] * (2 * top_k - len(cells))
+        writer.writerow([p.source, *cells, p.error or ""])
+
+
+_PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
+
+
+@main.command()
+def backbones():
+    """List the backbones `tlkit fit --backbone` accepts, with their defaults.
+
+    \b
+    Example:
+      tlkit backbones
+    """
+    from tlkit.backbones import get_backbone, list_backbones
+
+    for name in list_backbones():
+        spec = get_backbone(name)
+        click.echo(f"{name:<16} size {spec.default_size:>3} (min {spec.min_size:>3})  "
+                   f"{spec.description}")
+
+
+if __name__ == "__main__":
+    main()
