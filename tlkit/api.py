@@ -18,14 +18,19 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 
+import numpy as np
+
 from tlkit.augment import build_augmenter
+from tlkit.backbones import get_backbone, unfreeze_groups
 from tlkit.config import FitConfig, build_config
 from tlkit.data import load_image_data, make_dataset
 from tlkit.errors import ConfigError
 from tlkit.export import export_classifier
-from tlkit.models import build_classifier
+from tlkit.models import build_backbone, build_classifier
 from tlkit.plots import plot_history
-from tlkit.training import Trainer, evaluate
+from tlkit.training import evaluate, parse_stages, plan_stages, run_schedule
+
+BACKBONE_WEIGHTS = "backbone.weights.h5"
 
 
 @dataclass
@@ -68,6 +73,10 @@ def fit(data_dir=None, *, config=None, **options):
     verbose = config.train.verbose
     keras.utils.set_random_seed(config.seed)
 
+    spec = get_backbone(config.model.backbone)
+    pretrained = config.model.weights != "none"
+    backbone = build_backbone(spec.name, config.data.image_size, config.model.weights)
+
     data = load_image_data(config.data, seed=config.seed, verbose=verbose)
     try:
         if verbose:
@@ -76,23 +85,32 @@ def fit(data_dir=None, *, config=None, **options):
         config.save(run_dir / "config.json")
         _write_json(run_dir / "data.json", data.report())
         _write_splits(run_dir / "splits.csv", data)
+        (run_dir / "labels.txt").write_text("".join(f"{c}\n" for c in data.class_names))
 
-        model = build_classifier(config.model.backbone, data.num_classes,
-                                 config.data.image_size, config.model.dropout)
+        model = build_classifier(spec.name, data.num_classes, config.data.image_size,
+                                 config.model.dropout, backbone_model=backbone)
+        groups = unfreeze_groups(spec, backbone)
+        stages = _schedule(config, [name for name, _ in groups], pretrained)
         augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed)
         batch = config.data.batch_size
         train_ds = make_dataset(data.splits["train"], batch, shuffle=True, seed=config.seed,
                                 augmenter=augmenter)
         val_ds = make_dataset(data.splits["val"], batch)
-        stage = Trainer(model, verbose=verbose).train_stage(
-            train_ds, val_ds, epochs=config.train.epochs,
-            learning_rate=config.train.learning_rate, patience=config.train.patience,
-            name="train")
-        history = stage.history
+        weights = None
+        if config.train.class_weight == "auto":
+            weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
+        results = run_schedule(model, groups, stages, train_ds, val_ds,
+                               patience=config.train.patience,
+                               freeze_batchnorm=pretrained and not config.model.train_bn,
+                               sample_weights=weights, verbose=verbose)
+        history = [epoch for result in results for epoch in result.history]
         metrics = {name: evaluate(model, make_dataset(data.splits[name], batch))
                    for name in ("val", "test") if name in data.splits}
+        schedule = _schedule_report(results)
 
         model.save(run_dir / "model.keras")
+        backbone.save_weights(run_dir / BACKBONE_WEIGHTS)
+        _write_json(run_dir / "schedule.json", schedule)
         _write_json(run_dir / "history.json", history)
         _write_csv(run_dir / "history.csv", history)
         plot_history(history, run_dir / "curves.png", title=f"{config.export.name}: "
@@ -102,14 +120,14 @@ def fit(data_dir=None, *, config=None, **options):
             image_size=config.data.image_size, resize=config.data.resize,
             version=config.export.version,
             metadata={"backbone": config.model.backbone, "metrics": metrics,
-                      "epochs_trained": len(history), "best_epoch": stage.best_epoch,
+                      "weights": config.model.weights, "schedule": schedule,
+                      "epochs_trained": len(history),
                       "data": {n: len(s) for n, s in data.splits.items()},
                       "run_dir": str(run_dir), "config": config.to_dict()},
             verify_images=data.splits["val"].images[:8],
         )
         _write_json(run_dir / "result.json", {"export_path": str(export_path),
-                                              "metrics": metrics,
-                                              "best_epoch": stage.best_epoch})
+                                              "metrics": metrics, "schedule": schedule})
     finally:
         data.close()
     if verbose:
@@ -118,6 +136,32 @@ def fit(data_dir=None, *, config=None, **options):
         print(f"Run folder: {run_dir}")
         print(f"Exported: {export_path}")
     return FitResult(config, run_dir, export_path, history, metrics, model)
+
+
+def _schedule(config, group_names, pretrained):
+    train = config.train
+    if train.stages:
+        return parse_stages(train.stages, group_names)
+    return plan_stages(group_names, pretrained, train.epochs, train.learning_rate,
+                       unfreeze=train.unfreeze, fine_tune_epochs=train.fine_tune_epochs)
+
+
+def _schedule_report(results):
+    report, first_epoch = [], 1
+    for result in results:
+        report.append({"stage": result.name, "learning_rate": result.learning_rate,
+                       "first_epoch": first_epoch, "epochs": len(result.history),
+                       "best_epoch": first_epoch + result.best_epoch - 1,
+                       "best": result.best, "rolled_back": result.rolled_back,
+                       "trainable_weights": result.trainable_weights})
+        first_epoch += len(result.history)
+    return report
+
+
+def balanced_class_weights(labels, num_classes):
+    """Loss weight per class, `n / (num_classes * count)`: rare classes weigh more."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
 def _make_run_dir(config):

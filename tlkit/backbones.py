@@ -8,6 +8,7 @@ with `get_backbone`, never chosen by an if/elif ladder; `register_backbone` adds
 """
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,12 +26,14 @@ class BackboneSpec:
     """Everything tlkit needs to know about one backbone."""
 
     name: str  # registry key, as typed on the command line
-    build: Callable[..., keras.Model]  # build(input_shape) -> keras.Model named "backbone"
+    build: Callable[..., keras.Model]  # build(input_shape, weights) -> Model named "backbone"
     default_size: int  # image side used when `image_size="auto"`
     min_size: int  # smallest image side the network accepts
     preprocessing: str  # one of tlkit.layers.PREPROCESSING_MODES
     default_dropout: float  # head dropout when `dropout="auto"`
     description: str  # one line for `--help` and listings
+    unfreeze_groups: tuple = ()  # (group name, layer-name regex) pairs, from the top down
+    imagenet: bool = False  # `build` can load ImageNet weights (weights="imagenet")
 
     def __post_init__(self):
         if self.preprocessing not in PREPROCESSING_MODES:
@@ -90,7 +93,7 @@ def scratch_blocks(image_size):
     return max(blocks, 2)
 
 
-def build_scratch_cnn(input_shape, base_filters=32, block_dropout=0.1):
+def build_scratch_cnn(input_shape, weights=None, base_filters=32, block_dropout=0.1):
     """A VGG-style CNN trained from scratch, sized by the image size.
 
     Each block is two conv-BN-ReLU layers, a 2x2 max pooling and dropout; the number of
@@ -99,6 +102,7 @@ def build_scratch_cnn(input_shape, base_filters=32, block_dropout=0.1):
 
     Args:
         input_shape: `(height, width, channels)`.
+        weights: must be None (random initialisation); files load through `load_weights`.
         base_filters: filters of the first block.
         block_dropout: dropout rate after each block.
 
@@ -122,7 +126,7 @@ def build_scratch_cnn(input_shape, base_filters=32, block_dropout=0.1):
     return keras.Sequential(stack, name="backbone")
 
 
-def build_lenet5(input_shape=(32, 32, 1)):
+def build_lenet5(input_shape=(32, 32, 1), weights=None):
     """LeNet-5 (LeCun et al., 1998) up to its 84-unit F6 layer.
 
     C1: 6 5x5 convolutions (tanh) -> S2: 2x2 average pooling -> C3: 16 5x5 convolutions ->
@@ -132,6 +136,7 @@ def build_lenet5(input_shape=(32, 32, 1)):
 
     Args:
         input_shape: `(height, width, channels)`, at least 32x32.
+        weights: must be None (random initialisation); files load through `load_weights`.
 
     Returns:
         A `keras.Sequential` named `"backbone"` that outputs the 84 F6 activations.
@@ -160,6 +165,7 @@ register_backbone(
         preprocessing="unit",
         default_dropout=0.3,
         description="VGG-style conv-BN-ReLU-pool CNN trained from scratch, sized by the image",
+        unfreeze_groups=tuple((f"block{i}", rf"^block{i}_") for i in range(5, 0, -1)),
     )
 )
 register_backbone(
@@ -171,6 +177,7 @@ register_backbone(
         preprocessing="unit",
         default_dropout=0.0,
         description="LeNet-5 (LeCun 1998): tanh convolutions and average pooling",
+        unfreeze_groups=(("f6", "^f6$"), ("c5", "^c5"), ("c3", "^c3$"), ("c1", "^c1$")),
     )
 )
 
@@ -179,3 +186,101 @@ def describe_backbones():
     """Returns `(name, description)` pairs for every registered backbone."""
     return [(name, _REGISTRY[name].description) for name in list_backbones()]
 
+
+
+# --- Pretrained networks from keras.applications ----------------------------------------------
+
+
+def _application(constructor, **extra):
+    """A `build` function for a keras.applications constructor, without its top."""
+
+    def build(input_shape, weights=None):
+        model = constructor(include_top=False, weights=weights, input_shape=input_shape,
+                            **extra)
+        model.name = "backbone"
+        return model
+
+    build.__name__ = f"build_{constructor.__name__.lower()}"
+    build.__doc__ = f"`keras.applications.{constructor.__name__}` without its classifier top."
+    return build
+
+
+def _numbered(prefix, numbers, first_extra="", last_extra=""):
+    """Groups `prefix<N>` from the top; the top group also takes `first_extra` layers and the
+    bottom one `last_extra` layers (stems and final convolutions)."""
+    groups = []
+    for position, number in enumerate(numbers):
+        pattern = f"{prefix}{number}"
+        if position == 0 and first_extra:
+            pattern = f"{pattern}|{first_extra}"
+        if position == len(numbers) - 1 and last_extra:
+            pattern = f"{pattern}|{last_extra}"
+        groups.append((f"{prefix.strip('^_')}{number}", f"^({pattern})"))
+    return tuple(groups)
+
+
+_APPLICATIONS = (
+    dict(name="vgg16", constructor=keras.applications.VGG16, preprocessing="caffe",
+         groups=_numbered("block", range(5, 0, -1)),
+         description="VGG16 (ImageNet), 14.7M parameters without its top"),
+    dict(name="resnet50", constructor=keras.applications.ResNet50, preprocessing="caffe",
+         groups=_numbered("conv", range(5, 0, -1), last_extra="pool1_"),
+         description="ResNet50 (ImageNet), 23.6M parameters without its top"),
+    dict(name="mobilenet_v2", constructor=keras.applications.MobileNetV2, preprocessing="tf",
+         groups=(("block16", "^(block_16_|Conv_1|out_relu)"), ("block13", "^block_1[345]_"),
+                 ("block10", "^block_1[012]_"), ("block6", "^block_[6789]_"),
+                 ("block3", "^block_[345]_"), ("block1", "^block_[12]_"),
+                 ("stem", "^(Conv1|bn_Conv1|expanded_conv)")),
+         description="MobileNetV2 (ImageNet), 2.3M parameters, fast on CPUs and phones"),
+    dict(name="efficientnet_b0", constructor=keras.applications.EfficientNetB0,
+         preprocessing="none", groups=_numbered("block", range(7, 0, -1), "top_", "stem_"),
+         description="EfficientNetB0 (ImageNet), 4.0M parameters, normalises inside"),
+    dict(name="efficientnetv2_b0", constructor=keras.applications.EfficientNetV2B0,
+         preprocessing="none", groups=_numbered("block", range(6, 0, -1), "top_", "stem_"),
+         description="EfficientNetV2B0 (ImageNet), 5.9M parameters, normalises inside"),
+    dict(name="convnext_tiny", constructor=keras.applications.ConvNeXtTiny,
+         preprocessing="none",
+         groups=(("stage3", r".*(stage_3|downsampling_block_2|^layer_normalization)"),
+                 ("stage2", r".*(stage_2|downsampling_block_1)"),
+                 ("stage1", r".*(stage_1|downsampling_block_0)"),
+                 ("stage0", r".*(stage_0|_stem)")),
+         description="ConvNeXt-Tiny (ImageNet), 27.8M parameters, normalises inside"),
+)
+
+for _app in _APPLICATIONS:
+    register_backbone(
+        BackboneSpec(
+            name=_app["name"],
+            build=_application(_app["constructor"]),
+            default_size=224,
+            min_size=32,
+            preprocessing=_app["preprocessing"],
+            default_dropout=0.2,
+            description=_app["description"],
+            unfreeze_groups=_app["groups"],
+            imagenet=True,
+        )
+    )
+
+
+def unfreeze_groups(spec, backbone):
+    """The backbone's layers in unfreeze groups, from the top down.
+
+    A layer belongs to the first group whose pattern matches its name; groups that match no
+    layer (for example block5 of a 3-block scratch CNN) are left out. Layers in no group
+    (inputs, fixed rescaling) are never unfrozen by a staged schedule.
+
+    Args:
+        spec: the backbone's `BackboneSpec`.
+        backbone: the built backbone model.
+
+    Returns:
+        A list of `(group name, [layers])`, top group first.
+    """
+    members = {name: [] for name, _ in spec.unfreeze_groups}
+    patterns = [(name, re.compile(pattern)) for name, pattern in spec.unfreeze_groups]
+    for layer in backbone.layers:
+        group = next((name for name, p in patterns if p.match(layer.name)), None)
+        if group is not None:
+            members[group].append(layer)
+    return [(name, members[name]) for name, _ in spec.unfreeze_groups if members[name]]

@@ -81,6 +81,8 @@ class ModelConfig:
     """Which network is built: backbone, head and training-time augmentation."""
 
     backbone: str = "scratch"  # a name from `tlkit.backbones.list_backbones()`
+    weights: str = "auto"  # "imagenet" | "none" | a weights file; "auto": imagenet if it has them
+    train_bn: bool = False  # let BatchNorm layers of unfrozen groups train (default: frozen)
     dropout: float | str = "auto"  # head dropout rate; "auto": the backbone's default
     augment: str = "standard"  # none | light | standard | heavy (see tlkit.augment)
     flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
@@ -89,6 +91,11 @@ class ModelConfig:
         from tlkit.backbones import get_backbone
 
         get_backbone(self.backbone)
+        if not isinstance(self.weights, str) or not self.weights:
+            raise ConfigError("`weights` must be 'auto', 'imagenet', 'none' or a file path. "
+                              f"Received: weights={self.weights!r}")
+        if not isinstance(self.train_bn, bool):
+            raise ConfigError(f"`train_bn` must be True or False. Received: train_bn={self.train_bn!r}")
         if self.dropout != "auto":
             _check_number("dropout", self.dropout, 0.0, 0.95)
         _check_choice("augment", self.augment, AUGMENT_PRESETS)
@@ -99,15 +106,28 @@ class ModelConfig:
 class TrainConfig:
     """How the network is trained."""
 
-    epochs: int = 30  # most epochs; early stopping usually ends sooner
-    learning_rate: float = 1e-3  # Adam's learning rate
-    patience: int = 5  # epochs without a better val_loss before stopping
+    epochs: int = 30  # most epochs of the first stage; early stopping usually ends sooner
+    learning_rate: float = 1e-3  # Adam's learning rate in the first stage
+    patience: int = 5  # epochs without a better val_loss before a stage stops
+    unfreeze: int | str = "auto"  # groups unfrozen after the head stage; "auto": 1 if pretrained
+    fine_tune_epochs: int | None = None  # most epochs per unfreezing stage; None: `epochs`
+    stages: str | None = None  # explicit schedule "head:5@1e-3,block5:3@1e-4"; overrides above
+    class_weight: str = "none"  # "auto": weight the loss by inverse class frequency
     verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
 
     def __post_init__(self):
         _check_number("epochs", self.epochs, 1, integer=True)
         _check_number("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
         _check_number("patience", self.patience, 1, integer=True)
+        if self.unfreeze != "auto":
+            _check_number("unfreeze", self.unfreeze, 0, 20, integer=True)
+        if self.fine_tune_epochs is not None:
+            _check_number("fine_tune_epochs", self.fine_tune_epochs, 1, integer=True)
+        if self.stages is not None:
+            from tlkit.training import parse_stages
+
+            parse_stages(self.stages)
+        _check_choice("class_weight", self.class_weight, ("none", "auto"))
         _check_choice("verbose", self.verbose, (0, 1, 2))
 
 
@@ -158,10 +178,37 @@ class FitConfig:
             )
         if model.dropout == "auto":
             model = dataclasses.replace(model, dropout=spec.default_dropout)
+        if model.weights == "auto":
+            model = dataclasses.replace(model, weights="imagenet" if spec.imagenet else "none")
+        pretrained = model.weights != "none"
+        train = self.train
+        if train.unfreeze == "auto":
+            train = dataclasses.replace(train, unfreeze=1 if pretrained else 0)
+        group_names = [name for name, _ in spec.unfreeze_groups]
+        if pretrained and train.unfreeze > len(group_names):
+            raise ConfigError(
+                f"`unfreeze` must be <= {len(group_names)} for backbone {spec.name!r} (groups "
+                f"{group_names}). Received: unfreeze={train.unfreeze!r}"
+            )
+        if not pretrained and train.unfreeze:
+            raise ConfigError(
+                "`unfreeze` needs pretrained weights: with weights='none' every layer trains "
+                f"from the start. Received: unfreeze={train.unfreeze!r}, weights='none'"
+            )
+        if train.stages is not None:
+            from tlkit.training import ALL, parse_stages
+
+            stages = parse_stages(train.stages, group_names)
+            if not pretrained and any(s.target != ALL for s in stages):
+                raise ConfigError(
+                    "With weights='none' the backbone is random, so freezing it is "
+                    "meaningless: use 'all:EPOCHS@LR' stages or pretrained `weights`. "
+                    f"Received: stages={train.stages!r}"
+                )
         if export.name == "auto":
             name = Path(data.data_dir).resolve().name or "model"
             export = dataclasses.replace(export, name=name)
-        return dataclasses.replace(self, data=data, model=model, export=export)
+        return dataclasses.replace(self, data=data, model=model, train=train, export=export)
 
     def to_dict(self):
         """The config as plain JSON-ready data."""

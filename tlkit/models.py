@@ -8,6 +8,8 @@ pooling and is only added when the backbone returns a feature map.
 """
 
 import os
+import re
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -16,13 +18,95 @@ from keras import layers
 
 from tlkit.backbones import get_backbone
 from tlkit.config import _check_number
-from tlkit.errors import ConfigError
+from tlkit.errors import ConfigError, WeightsError
 from tlkit.layers import Preprocess
 
 INPUT_NAME = "images"
 
 
-def build_classifier(backbone, num_classes, image_size, dropout=None):
+WEIGHTS_SPECIAL = ("imagenet", "none")
+
+
+def build_backbone(backbone, image_size, weights="none"):
+    """Builds a registered backbone with its weights: random, ImageNet or from a file.
+
+    Args:
+        backbone: a registered backbone name.
+        image_size: side of the square input.
+        weights: `"none"` (random initialisation), `"imagenet"` (Keras's download and cache
+            in `~/.keras/models`, for backbones that have them) or the path of a weights file
+            (a tlkit run's `backbone.weights.h5`, or a Keras application's `_notop.h5`).
+
+    Returns:
+        The backbone, a `keras.Model` named `"backbone"`.
+
+    Raises:
+        WeightsError: if the weights cannot be downloaded or loaded; the message says which
+            file was wanted, where to put it, and the alternatives.
+    """
+    spec = get_backbone(backbone)
+    input_shape = (image_size, image_size, 3)
+    if weights == "imagenet":
+        if not spec.imagenet:
+            raise ConfigError(
+                f"Backbone {spec.name!r} has no ImageNet weights: use `weights='none'` or a "
+                f"weights file. Received: weights={weights!r}"
+            )
+        try:
+            return spec.build(input_shape, "imagenet")
+        except Exception as e:  # Keras raises a bare Exception on a failed download
+            raise _download_error(spec, e) from None
+    model = spec.build(input_shape, None)
+    if weights not in WEIGHTS_SPECIAL:
+        _load_weights_file(model, spec, weights)
+    return model
+
+
+def _download_error(spec, error):
+    message = str(error)
+    url = re.search(r"https?://\S+?\.h5", message)
+    if url is None:
+        return WeightsError(f"Could not build backbone {spec.name!r} with ImageNet weights: "
+                            f"{message}")
+    url = url.group(0)
+    target = Path(_keras_home()) / "models" / url.rsplit("/", 1)[-1]
+    return WeightsError(
+        f"Could not download the ImageNet weights of backbone {spec.name!r} ({message}).\n"
+        f"Keras wanted: {url}\n"
+        f"Fix: download that file on a connected machine and put it at {target} (Keras's "
+        "cache; it is used from there without a download), or pass `--weights PATH` with a "
+        "weights file, or `--weights none` to start from random weights (every layer is "
+        "then trained)."
+    )
+
+
+def _keras_home():
+    try:
+        from keras.src.backend.config import keras_home
+
+        return keras_home()
+    except ImportError:
+        return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def _load_weights_file(model, spec, path):
+    if not os.path.isfile(path):
+        raise WeightsError(
+            f"`weights` must be 'imagenet', 'none' or an existing weights file. "
+            f"Received: weights={path!r} (no such file)"
+        )
+    try:
+        model.load_weights(path)
+    except Exception as e:  # Keras raises ValueError, KeyError or h5py errors on mismatch
+        raise WeightsError(
+            f"Cannot load weights file {path!r} into backbone {spec.name!r} at this image "
+            f"size: {e}. The file must come from the same backbone (for the scratch CNN: "
+            "the same number of blocks, set by the image size)."
+        ) from None
+
+
+def build_classifier(backbone, num_classes, image_size, dropout=None, weights="none",
+                     backbone_model=None):
     """Builds a classifier for `num_classes` classes on `image_size` x `image_size` RGB images.
 
     Args:
@@ -30,6 +114,8 @@ def build_classifier(backbone, num_classes, image_size, dropout=None):
         num_classes: number of classes, at least 2.
         image_size: side of the square input, at least the backbone's `min_size`.
         dropout: head dropout rate; `None` uses the backbone's default.
+        weights: backbone weights, see `build_backbone`.
+        backbone_model: an already built backbone to use instead of building one.
 
     Returns:
         A functional `keras.Model` named `"tlkit_<backbone>"` that maps float32 images with
@@ -51,10 +137,12 @@ def build_classifier(backbone, num_classes, image_size, dropout=None):
         )
     dropout = spec.default_dropout if dropout is None else dropout
     _check_number("dropout", dropout, 0.0, 0.95)
+    if backbone_model is None:
+        backbone_model = build_backbone(spec.name, image_size, weights)
 
     inputs = keras.Input(shape=(image_size, image_size, 3), name=INPUT_NAME)
     x = Preprocess(spec.preprocessing, name="preprocess")(inputs)
-    x = spec.build((image_size, image_size, 3))(x)
+    x = backbone_model(x)
     if len(x.shape) == 4:
         x = layers.GlobalAveragePooling2D(name="pooler")(x)
     x = layers.Dropout(dropout, name="output_dropout")(x)

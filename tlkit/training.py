@@ -9,6 +9,7 @@ Progress uses Keras's `Progbar`.
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkit.config import _check_number
+from tlkit.errors import ConfigError
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -32,6 +34,9 @@ class StageResult:
     best_epoch: int  # 1-based epoch whose weights were kept
     best: dict = field(default_factory=dict)  # metrics of the best epoch
     stopped_early: bool = False  # ended by patience before `epochs`
+    rolled_back: bool = False  # its best was worse than the previous stage's: undone
+    learning_rate: float = 0.0  # the stage's learning rate
+    trainable_weights: int = 0  # number of trainable weight tensors during the stage
 
 
 class Trainer:
@@ -104,7 +109,8 @@ class Trainer:
         if stopped and self.verbose:
             print(f"[{name}] Early stop after epoch {len(history)}: best val_loss at epoch "
                   f"{best_epoch}, its weights restored.")
-        return StageResult(name, history, best_epoch, best_logs, stopped)
+        return StageResult(name, history, best_epoch, best_logs, stopped,
+                           learning_rate=float(learning_rate), trainable_weights=len(variables))
 
     def _make_train_step(self, optimizer, variables, sample_weights):
         model = self.model
@@ -188,3 +194,187 @@ def predict_probabilities(model, images, batch_size=256):
 @tf.function(reduce_retracing=True)
 def _predict_step(model, images):
     return model(images, training=False)
+
+
+# --- Staged schedules --------------------------------------------------------------------------
+
+HEAD = "head"
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a schedule: what is trainable, for how long, how fast."""
+
+    target: str  # "head" (backbone frozen), an unfreeze group (it and all above it), "all"
+    epochs: int  # most epochs (early stopping may end it sooner)
+    learning_rate: float  # Adam's learning rate for the stage
+
+    def __str__(self):
+        return f"{self.target}:{self.epochs}@{self.learning_rate:g}"
+
+
+_STAGE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:\s*(\d+)\s*@\s*([0-9.]+(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_stages(text, group_names=None):
+    """Parses a schedule string such as `"head:5@1e-3,block5:3@1e-4,block4:3@1e-5"`.
+
+    Each comma-separated item is `TARGET:EPOCHS@LEARNING_RATE`, where TARGET is `head`
+    (train the head, backbone frozen), `all` (every layer), or an unfreeze group name (that
+    group and every group above it train).
+
+    Args:
+        text: the schedule string.
+        group_names: allowed group names, top first; `None` accepts any name.
+
+    Returns:
+        A tuple of `Stage`.
+
+    Raises:
+        ConfigError: naming the malformed item and the expected form.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("`stages` must be like 'head:5@1e-3,block5:3@1e-4'. "
+                          f"Received: stages={text!r}")
+    stages = []
+    for item in text.split(","):
+        match = _STAGE.match(item)
+        if not match:
+            raise ConfigError(
+                f"`stages` item {item.strip()!r} must be TARGET:EPOCHS@LEARNING_RATE, e.g. "
+                f"'head:5@1e-3'. Received: stages={text!r}"
+            )
+        target, epochs, rate = match.group(1), int(match.group(2)), float(match.group(3))
+        allowed = None if group_names is None else [HEAD, *group_names, ALL]
+        if allowed is not None and target not in allowed:
+            raise ConfigError(
+                f"`stages` target must be one of {allowed}. Received: {target!r} in "
+                f"stages={text!r}"
+            )
+        if epochs < 1 or not 0 < rate <= 10:
+            raise ConfigError(
+                f"`stages` item {item.strip()!r} needs epochs >= 1 and 0 < learning rate "
+                f"<= 10. Received: stages={text!r}"
+            )
+        stages.append(Stage(target, epochs, rate))
+    return tuple(stages)
+
+
+def plan_stages(group_names, pretrained, epochs, learning_rate, unfreeze=1,
+                fine_tune_epochs=None, lr_factor=0.1):
+    """The default schedule: the head first, then one stage per unfrozen group.
+
+    With a pretrained backbone: `head:epochs@lr`, then `unfreeze` stages, each unfreezing
+    the next group from the top at `lr_factor` times the previous learning rate. With a
+    randomly initialised backbone a frozen stage is meaningless, so everything trains in one
+    stage: `all:epochs@lr`.
+
+    Args:
+        group_names: the backbone's unfreeze groups, top first.
+        pretrained: whether the backbone starts from trained weights.
+        epochs: epochs of the first stage.
+        learning_rate: learning rate of the first stage.
+        unfreeze: number of groups to unfreeze after the head stage.
+        fine_tune_epochs: epochs per unfreezing stage; `None`: same as `epochs`.
+        lr_factor: learning-rate factor from one stage to the next.
+
+    Returns:
+        A tuple of `Stage`.
+    """
+    if not pretrained:
+        return (Stage(ALL, epochs, learning_rate),)
+    _check_number("unfreeze", unfreeze, 0, len(group_names), integer=True)
+    stages = [Stage(HEAD, epochs, learning_rate)]
+    for index, group in enumerate(group_names[:unfreeze], start=1):
+        stages.append(Stage(group, fine_tune_epochs or epochs,
+                            float(f"{learning_rate * lr_factor ** index:.6g}")))
+    return tuple(stages)
+
+
+def set_trainable(model, groups, target, freeze_batchnorm=True):
+    """Sets which backbone layers train for a stage; the head always trains.
+
+    Args:
+        model: a tlkit classifier (with a layer named `"backbone"`).
+        groups: `tlkit.backbones.unfreeze_groups(spec, backbone)`.
+        target: `"head"`, `"all"` or a group name.
+        freeze_batchnorm: keep BatchNormalization layers frozen (`trainable=False`, which in
+            Keras 3 also runs them in inference mode) even in unfrozen groups.
+
+    Returns:
+        The names of the unfrozen groups.
+    """
+    names = [name for name, _ in groups]
+    if target not in (HEAD, ALL, *names):
+        raise ConfigError(f"Stage target must be one of {[HEAD, *names, ALL]}. "
+                          f"Received: {target!r}")
+    backbone = model.get_layer("backbone")
+    backbone.trainable = True
+    if target == ALL:
+        unfrozen = names
+    elif target == HEAD:
+        unfrozen = []
+    else:
+        unfrozen = names[:names.index(target) + 1]
+    open_layers = {id(layer) for name, layers in groups if name in unfrozen for layer in layers}
+    for layer in _leaf_layers(backbone):
+        trainable = target == ALL or id(layer) in open_layers
+        if freeze_batchnorm and isinstance(layer, keras.layers.BatchNormalization):
+            trainable = False
+        layer.trainable = trainable
+    return unfrozen
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        sublayers = getattr(layer, "layers", None)
+        if sublayers:
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
+                 freeze_batchnorm=True, sample_weights=None, verbose=1):
+    """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
+
+    Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
+    learning rate, and keeps its best epoch. A stage whose best `val_loss` is worse than the
+    best so far is rolled back to the weights before it.
+
+    Args:
+        model: a tlkit classifier.
+        groups: the backbone's unfreeze groups (`tlkit.backbones.unfreeze_groups`).
+        stages: a sequence of `Stage`.
+        train_ds: training batches.
+        val_ds: validation batches.
+        patience: early-stopping patience per stage.
+        freeze_batchnorm: see `set_trainable`.
+        sample_weights: optional per-class loss weights.
+        verbose: 0 silent, 1 progress bars, 2 one line per epoch.
+
+    Returns:
+        A list of `StageResult`, one per stage.
+    """
+    trainer = Trainer(model, verbose=verbose)
+    results, best, best_weights = [], math.inf, None
+    for stage in stages:
+        unfrozen = set_trainable(model, groups, stage.target, freeze_batchnorm)
+        if verbose:
+            trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+            print(f"[{stage.target}] stage {stage}: unfrozen groups {unfrozen or 'none'}, "
+                  f"{trainable:,} trainable parameters")
+        result = trainer.train_stage(train_ds, val_ds, epochs=stage.epochs,
+                                     learning_rate=stage.learning_rate, patience=patience,
+                                     name=stage.target, sample_weights=sample_weights)
+        if result.best["val_loss"] > best:
+            model.set_weights(best_weights)
+            result.rolled_back = True
+            if verbose:
+                print(f"[{stage.target}] best val_loss {result.best['val_loss']:.4f} is worse "
+                      f"than the previous stages' {best:.4f}: rolled back to their weights.")
+        else:
+            best, best_weights = result.best["val_loss"], model.get_weights()
+        results.append(result)
+    return results
