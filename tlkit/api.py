@@ -26,7 +26,8 @@ from tlkit.config import FitConfig, build_config
 from tlkit.data import load_image_data, make_dataset
 from tlkit.errors import ConfigError
 from tlkit.export import export_classifier
-from tlkit.models import build_backbone, build_classifier
+from tlkit.models import (build_backbone, build_classifier, extend_classifier,
+                          load_for_continuation)
 from tlkit.plots import plot_history
 from tlkit.training import evaluate, parse_stages, plan_stages, run_schedule
 
@@ -74,8 +75,11 @@ def fit(data_dir=None, *, config=None, **options):
     keras.utils.set_random_seed(config.seed)
 
     spec = get_backbone(config.model.backbone)
-    pretrained = config.model.weights != "none"
-    backbone = build_backbone(spec.name, config.data.image_size, config.model.weights)
+    pretrained = config.model.pretrained
+    if config.model.init_from:
+        previous, previous_classes = load_for_continuation(config.model.init_from)
+    else:
+        backbone = build_backbone(spec.name, config.data.image_size, config.model.weights)
 
     data = load_image_data(config.data, seed=config.seed, verbose=verbose)
     try:
@@ -87,8 +91,13 @@ def fit(data_dir=None, *, config=None, **options):
         _write_splits(run_dir / "splits.csv", data)
         (run_dir / "labels.txt").write_text("".join(f"{c}\n" for c in data.class_names))
 
-        model = build_classifier(spec.name, data.num_classes, config.data.image_size,
-                                 config.model.dropout, backbone_model=backbone)
+        if config.model.init_from:
+            model = extend_classifier(previous, previous_classes, data.class_names,
+                                      config.model.dropout)
+            backbone = model.get_layer("backbone")
+        else:
+            model = build_classifier(spec.name, data.num_classes, config.data.image_size,
+                                     config.model.dropout, backbone_model=backbone)
         groups = unfreeze_groups(spec, backbone)
         stages = _schedule(config, [name for name, _ in groups], pretrained)
         augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed)

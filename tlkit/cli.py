@@ -52,10 +52,15 @@ def main():
 @click.argument("data_dir", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="Re-run a saved config.json (flags given here override it).")
-@click.option("--backbone", help="Network to train: scratch (default) or lenet5; see "
-              "`tlkit backbones`.")
+@click.option("--backbone", help="Network: scratch (default), lenet5, vgg16, resnet50, "
+              "mobilenet_v2, efficientnet_b0, ...; see `tlkit backbones`.")
+@click.option("--weights", help="Backbone weights: imagenet (default for pretrained "
+              "backbones), none (random, every layer trains), or PATH to a weights file "
+              "(e.g. a run's backbone.weights.h5).")
+@click.option("--init-from", type=click.Path(exists=True),
+              help="Continue a tlkit run folder or model.keras; new class folders are added.")
 @click.option("--image-size", type=int, help="Side of the square model input in pixels "
-              "[default: the backbone's, 32 for scratch and lenet5].")
+              "[default: the backbone's: 32 for scratch/lenet5, 224 for pretrained].")
 @click.option("--resize", type=click.Choice(["squash", "crop", "pad"]),
               help="How images become square: stretch, centre-crop, or pad [default: squash].")
 @click.option("--val-split", type=float, help="Fraction of each class for validation "
@@ -64,10 +69,22 @@ def main():
               "set, reported separately [default: 0].")
 @click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
               help="A separate validation folder with the same classes (replaces --val-split).")
-@click.option("--epochs", type=int, help="Most epochs [default: 30]; early stopping usually "
-              "ends sooner.")
+@click.option("--epochs", type=int, help="Most epochs of the first stage (the head, or "
+              "everything when training from scratch) [default: 30].")
 @click.option("--learning-rate", "--lr", "learning_rate", type=float,
-              help="Adam learning rate [default: 0.001].")
+              help="Adam learning rate of the first stage [default: 0.001].")
+@click.option("--unfreeze", type=int, help="Backbone groups to unfreeze after the head "
+              "stage, one stage each, 10x lower learning rate per stage [default: 1 when "
+              "pretrained].")
+@click.option("--fine-tune-epochs", type=int, help="Most epochs per unfreezing stage "
+              "[default: --epochs].")
+@click.option("--stages", help="Explicit schedule, e.g. 'head:5@1e-3,block5:3@1e-4,"
+              "block4:3@1e-5' (TARGET:EPOCHS@LR; TARGET is head, all, or a group).")
+@click.option("--train-bn/--freeze-bn", "train_bn", default=None,
+              help="Let BatchNorm layers in unfrozen groups train [default: frozen, in "
+              "inference mode].")
+@click.option("--class-weight", type=click.Choice(["none", "auto"]),
+              help="auto: weight the loss by inverse class frequency [default: none].")
 @click.option("--patience", type=int, help="Epochs without a better val_loss before "
               "stopping [default: 5].")
 @click.option("--batch-size", type=int, help="Images per step [default: 32].")
@@ -101,10 +118,17 @@ def fit(data_dir, config_file, quiet, **options):
     (config, history, curves.png, model.keras) and exports a SavedModel to
     EXPORT_DIR/NAME/VERSION.
 
+    With a pretrained backbone, training runs in stages: the head first with the backbone
+    frozen, then the top groups of the backbone unfrozen one by one at lower learning rates
+    (BatchNorm kept frozen); a stage that makes validation worse is rolled back.
+
     \b
     Example:
       tlkit fit data/digits --flip none --test-split 0.1
-      tlkit fit ./photos --image-size 64 --augment heavy --epochs 50
+      tlkit fit ./photos --backbone resnet50 --unfreeze 2 --fine-tune-epochs 5
+      tlkit fit ./photos --backbone vgg16 --stages "head:5@1e-3,block5:3@1e-4"
+      tlkit fit ./photos --backbone resnet50 --weights none --image-size 128
+      tlkit fit ./more_photos --init-from runs/photos/20250101-120000
       tlkit fit --config runs/digits/20250101-120000/config.json
     """
     from tlkit.api import fit as run_fit

@@ -80,17 +80,29 @@ class DataConfig:
 class ModelConfig:
     """Which network is built: backbone, head and training-time augmentation."""
 
-    backbone: str = "scratch"  # a name from `tlkit.backbones.list_backbones()`
+    backbone: str = "auto"  # a name from `tlkit backbones`; "auto": scratch, or init_from's
     weights: str = "auto"  # "imagenet" | "none" | a weights file; "auto": imagenet if it has them
+    init_from: str | None = None  # continue a tlkit run folder / model.keras (new classes ok)
     train_bn: bool = False  # let BatchNorm layers of unfrozen groups train (default: frozen)
     dropout: float | str = "auto"  # head dropout rate; "auto": the backbone's default
     augment: str = "standard"  # none | light | standard | heavy (see tlkit.augment)
     flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
 
+    @property
+    def pretrained(self):
+        """Whether the backbone starts from trained weights (a file, ImageNet, init_from)."""
+        return self.weights not in ("none", "auto") or self.init_from is not None
+
     def __post_init__(self):
         from tlkit.backbones import get_backbone
 
-        get_backbone(self.backbone)
+        if self.backbone != "auto":
+            get_backbone(self.backbone)
+        if self.init_from is not None and self.weights not in ("auto", "none"):
+            raise ConfigError(
+                "`init_from` brings its own weights: leave `weights` unset. Received: "
+                f"init_from={self.init_from!r}, weights={self.weights!r}"
+            )
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError("`weights` must be 'auto', 'imagenet', 'none' or a file path. "
                               f"Received: weights={self.weights!r}")
@@ -167,8 +179,26 @@ class FitConfig:
         """Returns a copy with every `"auto"` value replaced by what it means for this run."""
         from tlkit.backbones import get_backbone
 
-        spec = get_backbone(self.model.backbone)
         data, model, export = self.data, self.model, self.export
+        if model.init_from is not None:
+            from tlkit.models import describe_keras_file
+
+            backbone, image_size = describe_keras_file(model.init_from)
+            if model.backbone not in ("auto", backbone):
+                raise ConfigError(
+                    f"`backbone` must match the `init_from` model's ({backbone!r}). "
+                    f"Received: backbone={model.backbone!r}"
+                )
+            if data.image_size not in ("auto", image_size):
+                raise ConfigError(
+                    f"`image_size` must match the `init_from` model's ({image_size}). "
+                    f"Received: image_size={data.image_size!r}"
+                )
+            model = dataclasses.replace(model, backbone=backbone, weights="none")
+            data = dataclasses.replace(data, image_size=image_size)
+        elif model.backbone == "auto":
+            model = dataclasses.replace(model, backbone="scratch")
+        spec = get_backbone(model.backbone)
         if data.image_size == "auto":
             data = dataclasses.replace(data, image_size=spec.default_size)
         if data.image_size < spec.min_size:
@@ -180,7 +210,7 @@ class FitConfig:
             model = dataclasses.replace(model, dropout=spec.default_dropout)
         if model.weights == "auto":
             model = dataclasses.replace(model, weights="imagenet" if spec.imagenet else "none")
-        pretrained = model.weights != "none"
+        pretrained = model.pretrained
         train = self.train
         if train.unfreeze == "auto":
             train = dataclasses.replace(train, unfreeze=1 if pretrained else 0)

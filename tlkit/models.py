@@ -7,8 +7,10 @@ Freezing, export and inspection find layers by these names. The pooler is a glob
 pooling and is only added when the backbone returns a feature map.
 """
 
+import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -162,3 +164,99 @@ def load_keras_model(path):
         The `keras.Model`, uncompiled.
     """
     return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def _model_file(path):
+    path = Path(path)
+    return path / "model.keras" if path.is_dir() else path
+
+
+def describe_keras_file(path):
+    """Reads the backbone name and input size of a tlkit `.keras` file (or run folder)
+    without loading its weights.
+
+    Returns:
+        `(backbone name, image_size)`.
+
+    Raises:
+        ConfigError: if the file is not a tlkit `.keras` model.
+    """
+    model_file = _model_file(path)
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            config = json.loads(archive.read("config.json"))["config"]
+        backbone = config["name"].removeprefix("tlkit_")
+        image_size = int(config["layers"][0]["config"]["batch_shape"][1])
+    except (OSError, KeyError, IndexError, TypeError, ValueError, zipfile.BadZipFile):
+        raise ConfigError(
+            "`init_from` must be a tlkit run folder or its model.keras. "
+            f"Received: init_from={str(path)!r}"
+        ) from None
+    get_backbone(backbone)
+    return backbone, image_size
+
+
+def load_for_continuation(path):
+    """Loads a tlkit model to continue training: a run folder or its `model.keras`.
+
+    Args:
+        path: a run folder (holding `model.keras` and `labels.txt`) or a `.keras` file with
+            a `labels.txt` beside it.
+
+    Returns:
+        `(model, class_names)`.
+
+    Raises:
+        ConfigError: if the path holds no tlkit model or no class list.
+    """
+    model_file = _model_file(path)
+    labels_file = model_file.parent / "labels.txt"
+    if model_file.suffix != ".keras" or not model_file.is_file() or not labels_file.is_file():
+        raise ConfigError(
+            "`init_from` must be a tlkit run folder or its model.keras, with labels.txt "
+            f"beside it. Received: init_from={str(path)!r}"
+        )
+    model = load_keras_model(model_file)
+    if "backbone" not in [layer.name for layer in model.layers]:
+        raise ConfigError(f"`init_from` model {str(model_file)!r} is not a tlkit classifier "
+                          "(it has no layer named 'backbone').")
+    return model, labels_file.read_text().splitlines()
+
+
+def extend_classifier(model, old_classes, new_classes, dropout=None):
+    """Adapts a trained classifier to a class list that keeps every old class and may add
+    new ones: the backbone and the old head rows are kept, new rows start fresh.
+
+    Args:
+        model: a tlkit classifier trained on `old_classes`.
+        old_classes: its class names, in output order.
+        new_classes: the new class names, in output order (a superset of `old_classes`).
+        dropout: head dropout rate; `None` keeps the model's.
+
+    Returns:
+        `model` itself when the class lists are equal, else a new classifier that shares
+        the backbone layer.
+
+    Raises:
+        ConfigError: if an old class is missing from `new_classes`.
+    """
+    missing = [c for c in old_classes if c not in new_classes]
+    if missing:
+        raise ConfigError(
+            f"The data has no folder for classes {missing} that the `init_from` model "
+            "predicts. Continue training with every old class present (new ones may be added)."
+        )
+    if list(old_classes) == list(new_classes):
+        return model
+    spec = get_backbone(model.name.removeprefix("tlkit_"))
+    if dropout is None:
+        dropout = model.get_layer("output_dropout").rate
+    new_model = build_classifier(spec.name, len(new_classes), model.input_shape[1],
+                                 dropout, backbone_model=model.get_layer("backbone"))
+    kernel, bias = model.get_layer("predictions").get_weights()
+    new_kernel, new_bias = new_model.get_layer("predictions").get_weights()
+    for old_index, name in enumerate(old_classes):
+        new_kernel[:, new_classes.index(name)] = kernel[:, old_index]
+        new_bias[new_classes.index(name)] = bias[old_index]
+    new_model.get_layer("predictions").set_weights([new_kernel, new_bias])
+    return new_model

@@ -130,7 +130,8 @@ class Trainer:
         return train_step
 
     def _run_epoch(self, dataset, step, steps):
-        progbar = keras.utils.Progbar(steps) if self.verbose == 1 else None
+        progbar = (keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
+                   if self.verbose == 1 else None)
         totals = np.zeros(3)
         for index, (images, labels) in enumerate(dataset, start=1):
             totals += [float(v) for v in step(images, labels)]
