@@ -11,6 +11,7 @@ folder, so `tlkit fit --config run/config.json` repeats the run.
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,14 @@ AUGMENT_PRESETS = ("none", "light", "standard", "heavy")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 CACHE_MODES = ("auto", "memory", "disk")
 RESIZE_POLICIES = ("squash", "crop", "pad")
+
+
+def _paths_to_str(config, *names):
+    """Stores path-like fields as strings, so configs compare and serialise as JSON."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, os.PathLike):
+            object.__setattr__(config, name, os.fspath(value))
 
 
 def _check_choice(name, value, choices):
@@ -54,6 +63,7 @@ class DataConfig:
     workers: int = 0  # decoding threads; 0: one per CPU core
 
     def __post_init__(self):
+        _paths_to_str(self, "data_dir", "val_dir", "cache_dir")
         if not self.data_dir:
             raise ConfigError(f"`data_dir` must be a folder. Received: data_dir={self.data_dir!r}")
         _check_number("val_split", self.val_split, 0.0, 0.9)
@@ -96,6 +106,7 @@ class ModelConfig:
     def __post_init__(self):
         from tlkit.backbones import get_backbone
 
+        _paths_to_str(self, "weights", "init_from")
         if self.backbone != "auto":
             get_backbone(self.backbone)
         if self.init_from is not None and self.weights not in ("auto", "none"):
@@ -153,6 +164,7 @@ class ExportConfig:
     runs_dir: str = "runs"  # run folders: <runs_dir>/<name>/<timestamp>/
 
     def __post_init__(self):
+        _paths_to_str(self, "export_dir", "runs_dir")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(
                 "`name` must be a plain folder name (no '/', not hidden). "
