@@ -135,7 +135,7 @@ def _walk_class(folder, extensions, ignored):
                 ignored.append((str(path), reason))
             else:
                 files.append(str(path))
-    return files
+    return sorted(files)
 
 
 class ImageCache:
@@ -282,9 +282,10 @@ def split_indices(labels, digests, fractions, seed):
                 free.append(digest)
         for position in rng.permutation(len(free)):
             digest = free[position]
-            name = next((s for s in ("test", "val") if counts[s] < targets[s]), "train")
+            size = len(groups[digest])
+            name = next((s for s in ("test", "val") if counts[s] + size <= targets[s]), "train")
             group_split[digest] = name
-            counts[name] += len(groups[digest])
+            counts[name] += size
     assignment = np.array([group_split[digests[i]] for i in range(len(labels))])
     return {name: np.flatnonzero(assignment == name) for name in SPLITS}
 

@@ -20,7 +20,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageOps
+from PIL import Image
 
 from tlkit.errors import ImageError
 
@@ -74,7 +74,9 @@ def decode_file(path, max_pixels=DEFAULT_MAX_PIXELS):
                     "(possible decompression bomb)",
                 )
             image.load()
-            return _to_rgb_array(ImageOps.exif_transpose(image))
+            pixels = _to_rgb_array(image, path)
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        return orient(pixels, orientation)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -92,7 +94,44 @@ def decode_file(path, max_pixels=DEFAULT_MAX_PIXELS):
         raise ImageError(path, f"corrupt or truncated image: {reason}") from None
 
 
-def _to_rgb_array(image):
+_ORIENTATION_TAG = 0x0112
+
+_ORIENTATIONS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def orient(pixels, orientation):
+    """Applies an EXIF orientation (1..8) to an `(h, w, c)` array, as cameras mean it."""
+    transform = _ORIENTATIONS.get(orientation)
+    return pixels if transform is None else np.ascontiguousarray(transform(pixels))
+
+
+def _is_16_bit_color_png(image, path):
+    if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
+        return False
+    with open(path, "rb") as f:
+        header = f.read(26)
+    return len(header) == 26 and header[24] == 16
+
+
+def _to_rgb_array(image, path):
+    if _is_16_bit_color_png(image, path):
+        # Pillow keeps only the high byte of 16-bit colour samples; TensorFlow's PNG decoder
+        # reads them whole, so both paths scale by 1/257 the same way.
+        with open(path, "rb") as f:
+            return _png_16_to_8(tf.io.decode_png(f.read(), channels=3, dtype=tf.uint16)).numpy()
+    if image.format == "GIF" and image.mode == "P" and "transparency" in image.info:
+        # TensorFlow's GIF decoder paints transparent pixels black: do the same here.
+        pixels = np.array(image.convert("RGB"))
+        pixels[np.asarray(image) == image.info["transparency"]] = 0
+        return pixels
     if image.mode in _HIGH_BIT_MODES:
         samples = np.asarray(image, dtype=np.float64)
         gray = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
@@ -189,10 +228,15 @@ def _resize_fn(resize, image_size):
     return _RESIZE_FN_CACHE[key]
 
 
+def _png_16_to_8(samples):
+    return tf.cast(tf.round(tf.cast(samples, tf.float32) / 257.0), tf.uint8)
+
+
 def decode_bytes(data):
     """Decodes encoded image bytes inside a TensorFlow graph, as `decode_file` would.
 
-    JPEG, PNG, GIF (first frame), BMP and WebP. Meant for the exported serving graph, where
+    JPEG, PNG, GIF (first frame), BMP (including 8-bit palette BMPs) and WebP, with the EXIF
+    orientation of JPEG and PNG files applied. Meant for the exported serving graph, where
     Pillow is not available.
 
     Args:
@@ -203,18 +247,109 @@ def decode_bytes(data):
     """
     magic = tf.strings.substr(data, 0, 8)
     is_png = tf.equal(magic, b"\x89PNG\r\n\x1a\n")
+    is_bmp = tf.equal(tf.strings.substr(data, 0, 2), b"BM")
 
     def png():
-        samples = tf.io.decode_png(data, channels=3, dtype=tf.uint16)
-        return tf.cast(tf.round(tf.cast(samples, tf.float32) / 257.0), tf.uint8)
+        return _png_16_to_8(tf.io.decode_png(data, channels=3, dtype=tf.uint16))
 
     def jpeg():
         return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
 
+    def bmp():
+        return tf.cond(_bmp_bits_per_pixel(data) <= 8, lambda: _decode_palette_bmp(data),
+                       lambda: _to_rgb(tf.io.decode_bmp(data)))
+
     def other():
-        return tf.io.decode_image(data, channels=3, expand_animations=False)
+        return _to_rgb(tf.io.decode_image(data, expand_animations=False))
 
     image = tf.case(
-        [(is_png, png), (tf.io.is_jpeg(data), jpeg)], default=other, exclusive=False
+        [(is_png, png), (tf.io.is_jpeg(data), jpeg), (is_bmp, bmp)], default=other,
+        exclusive=False,
     )
+    image = _orient_graph(image, _exif_orientation(data, is_png))
     return tf.ensure_shape(image, [None, None, 3])
+
+
+def _to_rgb(image):
+    """Any channel count (gray, gray+alpha, RGB, RGBA) to RGB, dropping alpha like Pillow."""
+    channels = tf.shape(image)[-1]
+    return tf.cond(channels < 3, lambda: tf.repeat(image[..., :1], 3, axis=-1),
+                   lambda: image[..., :3])
+
+
+def _read_uint(data, position, size, little_endian=True):
+    """Unsigned integer of `size` bytes at `position` of a scalar string (padded by caller)."""
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, position, size), tf.uint8),
+                  tf.int64)
+    weights = tf.constant([256**i for i in range(size)], tf.int64)
+    if not little_endian:
+        weights = tf.reverse(weights, [0])
+    return tf.reduce_sum(raw * weights)
+
+
+def _bmp_bits_per_pixel(data):
+    return _read_uint(tf.strings.join([tf.strings.substr(data, 0, 64), b"\0" * 64]), 28, 2)
+
+
+def _decode_palette_bmp(data):
+    """8-bit palette BMP: TensorFlow returns the indices; look them up in the colour table."""
+    padded = tf.strings.join([data, b"\0" * 1024])
+    header_size = _read_uint(padded, 14, 4)
+    colors = _read_uint(padded, 46, 4)
+    colors = tf.where(colors == 0, tf.constant(256, tf.int64), colors)
+    table = tf.io.decode_raw(tf.strings.substr(padded, 14 + header_size, 4 * colors), tf.uint8)
+    rgb = tf.reverse(tf.reshape(table, [-1, 4])[:, :3], [1])  # stored as BGRA
+    indices = tf.io.decode_bmp(data, channels=0)[..., 0]
+    return tf.gather(rgb, tf.cast(indices, tf.int32))
+
+
+_EXIF_SCAN_BYTES = 65536
+
+
+def _exif_orientation(data, is_png):
+    """The EXIF orientation tag (1..8) of a JPEG (APP1) or PNG (eXIf chunk); 1 if absent."""
+    head = tf.strings.join([tf.strings.substr(data, 0, _EXIF_SCAN_BYTES),
+                            b"\0" * (_EXIF_SCAN_BYTES + 4096)])
+    marker = tf.where(is_png, b"eXIf", b"Exif\x00\x00")
+    parts = tf.strings.split(tf.reshape(head, [1]), marker, maxsplit=1)
+    found = tf.equal(parts.row_lengths()[0], 2)
+    tiff = tf.cast(tf.strings.length(parts.values[0]), tf.int64) + tf.cast(
+        tf.strings.length(marker), tf.int64)
+    tiff = tf.minimum(tiff, _EXIF_SCAN_BYTES)
+
+    def read(little):
+        ifd = tf.minimum(_read_uint(head, tiff + 4, 4, little), _EXIF_SCAN_BYTES)
+        count = tf.minimum(_read_uint(head, tiff + ifd, 2, little), 256)
+        entries = tf.io.decode_raw(tf.strings.substr(head, tiff + ifd + 2, 12 * count), tf.uint8)
+        entries = tf.cast(tf.reshape(entries, [-1, 12]), tf.int64)
+        low, high = (0, 1) if little else (1, 0)
+        tags = entries[:, low] + 256 * entries[:, high]
+        values = entries[:, 8 + low] + 256 * entries[:, 8 + high]
+        match = tf.boolean_mask(values, tf.equal(tags, _ORIENTATION_TAG))
+        return tf.cond(tf.size(match) > 0, lambda: match[0], lambda: tf.constant(1, tf.int64))
+
+    def orientation():
+        order = tf.strings.substr(head, tiff, 2)
+        return tf.case([(tf.equal(order, b"II"), lambda: read(True)),
+                        (tf.equal(order, b"MM"), lambda: read(False))],
+                       default=lambda: tf.constant(1, tf.int64))
+
+    value = tf.cond(found, orientation, lambda: tf.constant(1, tf.int64))
+    return tf.where((value >= 1) & (value <= 8), value, 1)
+
+
+def _orient_graph(image, orientation):
+    """`orient` for tensors: the same eight EXIF transforms."""
+    transpose = lambda a: tf.transpose(a, [1, 0, 2])  # noqa: E731
+    branches = [
+        lambda: image,
+        lambda: image,
+        lambda: image[:, ::-1],
+        lambda: image[::-1, ::-1],
+        lambda: image[::-1],
+        lambda: transpose(image),
+        lambda: tf.image.rot90(image, -1),
+        lambda: transpose(tf.image.rot90(image, 2)),
+        lambda: tf.image.rot90(image, 1),
+    ]
+    return tf.switch_case(tf.cast(orientation, tf.int32), branches)
