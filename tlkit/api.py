@@ -25,7 +25,7 @@ from tlkit.backbones import get_backbone, unfreeze_groups
 from tlkit.config import FitConfig, build_config
 from tlkit.data import load_image_data, make_dataset
 from tlkit.errors import ConfigError
-from tlkit.export import export_classifier
+from tlkit.export import check_version_free, export_classifier
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation)
 from tlkit.plots import plot_history
@@ -74,6 +74,7 @@ def fit(data_dir=None, *, config=None, **options):
     verbose = config.train.verbose
     keras.utils.set_random_seed(config.seed)
 
+    check_version_free(config.export.export_dir, config.export.name, config.export.version)
     spec = get_backbone(config.model.backbone)
     pretrained = config.model.pretrained
     if config.model.init_from:

@@ -261,13 +261,13 @@ class FitConfig:
         """Builds a config from `to_dict` output; unknown keys are an error, not ignored."""
         _check_keys("config", values, {*_SECTIONS, "seed"})
         kwargs = {}
+        if not isinstance(values.get("data"), dict) or "data_dir" not in values["data"]:
+            raise ConfigError("`config` must have a 'data' section with a 'data_dir'.")
         for key, section in _SECTIONS.items():
             if key in values:
                 names = {f.name for f in dataclasses.fields(section)}
                 _check_keys(f"config[{key!r}]", values[key], names)
                 kwargs[key] = section(**values[key])
-        if "data" not in kwargs:
-            raise ConfigError("`config` must have a 'data' section with a 'data_dir'.")
         if "seed" in values:
             kwargs["seed"] = values["seed"]
         return cls(**kwargs)

@@ -481,8 +481,9 @@ def make_dataset(split, batch_size, shuffle=False, seed=None, augmenter=None):
     dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     if augmenter is not None:
-        dataset = dataset.map(lambda x, y: (augmenter(x, training=True), y),
-                              num_parallel_calls=tf.data.AUTOTUNE)
+        # Sequential on purpose: the random layers share one seed state, and parallel calls
+        # would consume it in a different order each run, breaking `seed` repeatability.
+        dataset = dataset.map(lambda x, y: (augmenter(x, training=True), y))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

@@ -80,11 +80,7 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
                           "Choose another `--export-dir`.") from None
     version = next_version(parent) if version is None else int(version)
     target = parent / str(version)
-    if target.exists():
-        raise ExportError(
-            f"Export version {str(target)!r} already exists and is never overwritten. "
-            "Choose another `version` or leave it unset for the next free one."
-        )
+    check_version_free(export_dir, name, version)
     staging = parent / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
     try:
         _write(model, class_names, staging, image_size, resize,
@@ -99,6 +95,16 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def check_version_free(export_dir, name, version):
+    """Raises `ExportError` if `<export_dir>/<name>/<version>` exists (never overwritten)."""
+    target = Path(export_dir) / name / str(version)
+    if version is not None and target.exists():
+        raise ExportError(
+            f"Export version {str(target)!r} already exists and is never overwritten. "
+            "Choose another `version` or leave it unset for the next free one."
+        )
 
 
 def next_version(model_dir):
