@@ -10,8 +10,17 @@ and `tlkit --version` answer at once.
 
 import importlib
 import os
+import sys
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+_keras = sys.modules.get("keras")
+if _keras is not None and _keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "tlkit needs Keras's TensorFlow backend, but Keras was already imported with the "
+        f"{_keras.backend.backend()!r} backend. Set KERAS_BACKEND=tensorflow (or import tlkit "
+        "before keras)."
+    )
+# tlkit trains and exports through TensorFlow: its SavedModels are TensorFlow graphs.
+os.environ["KERAS_BACKEND"] = "tensorflow"
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 

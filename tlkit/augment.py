@@ -6,9 +6,7 @@ of `PRESETS`; the flip direction is a separate setting because it depends on the
 cats, never digits or text).
 """
 
-import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 from keras import layers

@@ -7,12 +7,10 @@ which preprocessing it needs and its default head dropout. Backbones are looked 
 with `get_backbone`, never chosen by an if/elif ladder; `register_backbone` adds one.
 """
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Callable
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 from keras import layers

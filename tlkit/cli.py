@@ -15,7 +15,6 @@ import click
 
 from tlkit import __version__
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np
 import tensorflow as tf

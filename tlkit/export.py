@@ -26,7 +26,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 import numpy as np

@@ -16,7 +16,6 @@ tensor a model is trained on equals the tensor the export computes from the same
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np
 import tensorflow as tf

@@ -4,9 +4,7 @@ They are registered with Keras, so a tlkit `.keras` file loads with `safe_mode=T
 Lambda layers) once `tlkit` is imported.
 """
 
-import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 from keras import ops

@@ -13,7 +13,6 @@ import re
 import zipfile
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 from keras import layers

@@ -8,12 +8,10 @@ Progress uses Keras's `Progbar`.
 """
 
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 import numpy as np
