@@ -8,12 +8,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+def _stage(logs):
+    return logs.get("stage_index", logs["stage"])
+
+
 def plot_history(history, path, title="Training"):
     """Writes loss and accuracy curves (train and validation) per epoch as a PNG.
 
     Args:
-        history: list of per-epoch dicts with `stage`, `loss`, `accuracy`, `val_loss`,
-            `val_accuracy` (as in `tlkit.training.StageResult.history`).
+        history: list of per-epoch dicts with `stage` (and `stage_index`), `loss`,
+            `accuracy`, `val_loss`, `val_accuracy` (as in `StageResult.history`); a dashed
+            line marks each stage boundary.
         path: PNG file to write.
         title: figure title.
 
@@ -25,7 +30,7 @@ def plot_history(history, path, title="Training"):
     for axis, metric in zip(axes, ("loss", "accuracy")):
         axis.plot(epochs, [h[metric] for h in history], "o-", ms=3, label="train")
         axis.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", ms=3, label="validation")
-        boundaries = [i for i in range(1, len(history)) if history[i]["stage"] != history[i - 1]["stage"]]
+        boundaries = [i for i in range(1, len(history)) if _stage(history[i]) != _stage(history[i - 1])]
         for boundary in boundaries:
             axis.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
             axis.text(boundary + 0.6, axis.get_ylim()[1], history[boundary]["stage"],

@@ -358,7 +358,7 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
     """
     trainer = Trainer(model, verbose=verbose)
     results, best, best_weights = [], math.inf, None
-    for stage in stages:
+    for index, stage in enumerate(stages):
         unfrozen = set_trainable(model, groups, stage.target, freeze_batchnorm)
         if verbose:
             trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
@@ -375,5 +375,7 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
                       f"than the previous stages' {best:.4f}: rolled back to their weights.")
         else:
             best, best_weights = result.best["val_loss"], model.get_weights()
+        for logs in result.history:
+            logs["stage_index"] = index
         results.append(result)
     return results
