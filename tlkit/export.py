@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from tlkit import __version__
 from tlkit.errors import ExportError
-from tlkit.images import decode_bytes, resize_image
+from tlkit.images import DEFAULT_MAX_PIXELS, decode_bytes, resize_image
 
 METADATA_FILE = "tlkit.json"
 LABELS_FILE = "labels.txt"
@@ -153,6 +153,7 @@ def _write(model, class_names, path, image_size, resize, metadata):
         "image_size": size,
         "resize": resize,
         "input_range": [0, 255],
+        "max_pixels": DEFAULT_MAX_PIXELS,
         "signatures": {"serving_default": "image_bytes", "predict_images": "images"},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"tlkit": __version__, "tensorflow": tf.__version__,

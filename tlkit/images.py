@@ -231,19 +231,35 @@ def _png_16_to_8(samples):
     return tf.cast(tf.round(tf.cast(samples, tf.float32) / 257.0), tf.uint8)
 
 
-def decode_bytes(data):
+def decode_bytes(data, max_pixels=DEFAULT_MAX_PIXELS):
     """Decodes encoded image bytes inside a TensorFlow graph, as `decode_file` would.
 
     JPEG, PNG, GIF (first frame), BMP (including 8-bit palette BMPs) and WebP, with the EXIF
     orientation of JPEG and PNG files applied. Meant for the exported serving graph, where
-    Pillow is not available.
+    Pillow is not available. The image's size is read from its header first, and an image
+    over `max_pixels` is refused before any pixel is decoded, so a small file that claims a
+    huge image (a decompression bomb) cannot exhaust the server's memory.
 
     Args:
         data: scalar tf.string tensor holding one encoded image.
+        max_pixels: largest accepted width x height.
 
     Returns:
         A uint8 tensor of shape `(height, width, 3)`.
+
+    Raises:
+        tf.errors.InvalidArgumentError: at run time, for an image over `max_pixels` (the
+            message gives its size and the limit) or bytes no decoder accepts.
     """
+    height, width = header_size(data)
+    check = tf.debugging.Assert(
+        height * width <= max_pixels,
+        [tf.strings.format("Image of {} x {} pixels is over the limit of {} pixels "
+                           "(possible decompression bomb); resize it before sending.",
+                           (width, height, max_pixels))],
+    )
+    with tf.control_dependencies([check]):
+        data = tf.identity(data)
     magic = tf.strings.substr(data, 0, 8)
     is_png = tf.equal(magic, b"\x89PNG\r\n\x1a\n")
     is_bmp = tf.equal(tf.strings.substr(data, 0, 2), b"BM")
@@ -267,6 +283,53 @@ def decode_bytes(data):
     )
     image = _orient_graph(image, _exif_orientation(data, is_png))
     return tf.ensure_shape(image, [None, None, 3])
+
+
+def header_size(data):
+    """`(height, width)` of an encoded image read from its header alone, as int64 tensors.
+
+    Knows PNG, JPEG, GIF, BMP and WebP; for anything else returns `(0, 0)` and leaves the
+    decision to the decoder.
+    """
+    head = tf.strings.join([tf.strings.substr(data, 0, 64), b"\0" * 64])
+
+    def dims(height, width):
+        return lambda: tf.stack([height(), width()])
+
+    def uint(position, size, little=True):
+        return lambda: _read_uint(head, position, size, little)
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return shape[:2]
+
+    def webp():
+        kind = tf.strings.substr(head, 12, 4)
+        vp8l = _read_uint(head, 21, 4)
+        return tf.case([
+            (tf.equal(kind, b"VP8X"), lambda: tf.stack([_read_uint(head, 27, 3) + 1,
+                                                        _read_uint(head, 24, 3) + 1])),
+            (tf.equal(kind, b"VP8L"), lambda: tf.stack([(vp8l // 16384) % 16384 + 1,
+                                                        vp8l % 16384 + 1])),
+            (tf.equal(kind, b"VP8 "), lambda: tf.stack([_read_uint(head, 28, 2) % 16384,
+                                                        _read_uint(head, 26, 2) % 16384])),
+        ], default=lambda: tf.zeros([2], tf.int64))
+
+    def bmp():
+        height = _read_uint(head, 22, 4)
+        height = tf.where(height >= 2**31, 2**32 - height, height)  # top-down BMPs
+        return tf.stack([height, _read_uint(head, 18, 4)])
+
+    size = tf.case([
+        (tf.equal(tf.strings.substr(head, 0, 8), b"\x89PNG\r\n\x1a\n"),
+         dims(uint(20, 4, False), uint(16, 4, False))),
+        (tf.io.is_jpeg(data), jpeg),
+        (tf.equal(tf.strings.substr(head, 0, 3), b"GIF"), dims(uint(8, 2), uint(6, 2))),
+        (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), bmp),
+        (tf.equal(tf.strings.substr(head, 0, 4), b"RIFF")
+         & tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"), webp),
+    ], default=lambda: tf.zeros([2], tf.int64), exclusive=False)
+    return size[0], size[1]
 
 
 def _to_rgb(image):
