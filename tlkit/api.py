@@ -23,7 +23,8 @@ from tlkit.augment import build_augmenter
 from tlkit.backbones import get_backbone, unfreeze_groups
 from tlkit.config import FitConfig, build_config
 from tlkit.data import load_image_data, make_dataset
-from tlkit.errors import ConfigError
+from tlkit.checkpoint import clear_state, load_state
+from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.export import check_version_free, export_classifier
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation)
@@ -45,13 +46,18 @@ class FitResult:
     model: keras.Model  # the trained Keras model
 
 
-def fit(data_dir=None, *, config=None, **options):
+def fit(data_dir=None, *, config=None, resume=None, **options):
     """Trains an image classifier on a folder of images and exports it as a SavedModel.
+
+    The run state is saved in the run folder after every epoch; a run that was killed or
+    interrupted continues with `fit(resume=run_dir)`, losing at most the epoch in progress.
 
     Args:
         data_dir: folder with one subfolder per class.
         config: a `FitConfig` (for example `FitConfig.load("runs/.../config.json")`);
             options given as keywords override it.
+        resume: a run folder of an interrupted run: continue it with its own settings
+            (only `verbose` may be given with it).
         **options: any setting of `tlkit.config` by field name, for example
             `backbone="lenet5"`, `image_size=32`, `epochs=10`, `val_split=0.2`,
             `test_split=0.1`, `augment="light"`, `flip="none"`, `export_dir="saved_models"`,
@@ -59,6 +65,10 @@ def fit(data_dir=None, *, config=None, **options):
 
     Returns:
         A `FitResult` with the run folder, the export path, the history and the metrics.
+
+    Raises:
+        Interrupted: on Ctrl-C, after the last completed epoch was saved; the message says
+            how to resume.
 
     Example:
 
@@ -68,7 +78,11 @@ def fit(data_dir=None, *, config=None, **options):
     """
     if config is not None and not isinstance(config, FitConfig):
         raise ConfigError(f"`config` must be a FitConfig. Received: config={config!r}")
-    config = build_config(config, data_dir=data_dir and os.fspath(data_dir), **options)
+    if resume is not None:
+        run_dir, config, state = _resumable_run(resume, data_dir, config, options)
+    else:
+        config = build_config(config, data_dir=data_dir and os.fspath(data_dir), **options)
+        run_dir, state = None, None
     config = config.resolve()
     verbose = config.train.verbose
     keras.utils.set_random_seed(config.seed)
@@ -85,11 +99,14 @@ def fit(data_dir=None, *, config=None, **options):
     try:
         if verbose:
             print(data.summary())
-        run_dir = _make_run_dir(config)
-        config.save(run_dir / "config.json")
-        _write_json(run_dir / "data.json", data.report())
-        _write_splits(run_dir / "splits.csv", data)
-        (run_dir / "labels.txt").write_text("".join(f"{c}\n" for c in data.class_names))
+        if run_dir is None:
+            run_dir = _make_run_dir(config)
+            config.save(run_dir / "config.json")
+            _write_json(run_dir / "data.json", data.report())
+            _write_splits(run_dir / "splits.csv", data)
+            (run_dir / "labels.txt").write_text("".join(f"{c}\n" for c in data.class_names))
+        else:
+            _check_same_splits(run_dir, data)
 
         if config.model.init_from:
             model = extend_classifier(previous, previous_classes, data.class_names,
@@ -108,10 +125,17 @@ def fit(data_dir=None, *, config=None, **options):
         weights = None
         if config.train.class_weight == "auto":
             weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
-        results = run_schedule(model, groups, stages, train_ds, val_ds,
-                               patience=config.train.patience,
-                               freeze_batchnorm=pretrained and not config.model.train_bn,
-                               sample_weights=weights, verbose=verbose)
+        try:
+            results = run_schedule(model, groups, stages, train_ds, val_ds,
+                                   patience=config.train.patience,
+                                   freeze_batchnorm=pretrained and not config.model.train_bn,
+                                   sample_weights=weights, verbose=verbose,
+                                   checkpoint_dir=run_dir, resume=state)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                "Training interrupted; every completed epoch is saved in "
+                f"{str(run_dir)!r}. Resume with: tlkit fit --resume {run_dir}"
+            ) from None
         history = [epoch for result in results for epoch in result.history]
         metrics = {name: evaluate(model, make_dataset(data.splits[name], batch))
                    for name in ("val", "test") if name in data.splits}
@@ -137,6 +161,7 @@ def fit(data_dir=None, *, config=None, **options):
         )
         _write_json(run_dir / "result.json", {"export_path": str(export_path),
                                               "metrics": metrics, "schedule": schedule})
+        clear_state(run_dir)
     finally:
         data.close()
     if verbose:
@@ -145,6 +170,45 @@ def fit(data_dir=None, *, config=None, **options):
         print(f"Run folder: {run_dir}")
         print(f"Exported: {export_path}")
     return FitResult(config, run_dir, export_path, history, metrics, model)
+
+
+class Interrupted(TlkitError):
+    """Training was interrupted (Ctrl-C); the message says how to resume."""
+
+
+def _resumable_run(resume, data_dir, config, options):
+    run_dir = Path(resume)
+    extra = sorted(set(options) - {"verbose"})
+    if data_dir is not None or config is not None or extra:
+        raise ConfigError(
+            "`resume` continues a run with its own saved settings; give no other settings "
+            f"(only `verbose`). Received: {['data_dir'] * (data_dir is not None) + extra}"
+        )
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"`resume` must be a tlkit run folder (with config.json). "
+                          f"Received: resume={str(run_dir)!r}")
+    if (run_dir / "result.json").exists():
+        raise ConfigError(f"Run {str(run_dir)!r} already finished (result.json exists); "
+                          "there is nothing to resume.")
+    state = load_state(run_dir)
+    if state is None:
+        raise ConfigError(f"Run {str(run_dir)!r} has no saved state: it stopped before its "
+                          "first epoch ended. Start it again instead.")
+    config = FitConfig.load(run_dir / "config.json")
+    if options.get("verbose") is not None:
+        config = build_config(config, verbose=options["verbose"])
+    return run_dir, config, state
+
+
+def _check_same_splits(run_dir, data):
+    with open(run_dir / "splits.csv", newline="") as f:
+        saved = sorted((row["file"], row["split"]) for row in csv.DictReader(f))
+    now = sorted((file, name) for name, split in data.splits.items() for file in split.files)
+    if saved != now:
+        raise DataError(
+            f"The data folder changed since run {str(run_dir)!r} started (its split differs "
+            "from splits.csv), so it cannot be resumed. Start a new run."
+        )
 
 
 def _schedule(config, group_names, pretrained):

@@ -107,15 +107,19 @@ def main():
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Folder of the disk cache [default: ~/.cache/tlkit].")
 @click.option("--workers", type=int, help="Image decoding threads [default: one per core].")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False),
+              help="Continue an interrupted run from its run folder (its own settings; the "
+              "state of every completed epoch is saved there).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the export path.")
 @_user_errors
-def fit(data_dir, config_file, quiet, **options):
+def fit(data_dir, config_file, quiet, resume, **options):
     """Train a classifier on DATA_DIR (one subfolder per class) and export it.
 
     Loads and checks every image (bad files are skipped and listed), splits each class
     into train/validation (and test), trains with early stopping, writes a run folder
     (config, history, curves.png, model.keras) and exports a SavedModel to
-    EXPORT_DIR/NAME/VERSION.
+    EXPORT_DIR/NAME/VERSION. The run state is saved after every epoch: a killed or
+    interrupted run continues with --resume RUN_DIR.
 
     With a pretrained backbone, training runs in stages: the head first with the backbone
     frozen, then the top groups of the backbone unfrozen one by one at lower learning rates
@@ -129,16 +133,24 @@ def fit(data_dir, config_file, quiet, **options):
       tlkit fit ./photos --backbone resnet50 --weights none --image-size 128
       tlkit fit ./more_photos --init-from runs/photos/20250101-120000
       tlkit fit --config runs/digits/20250101-120000/config.json
+      tlkit fit --resume runs/digits/20250101-120000
     """
     from tlkit.api import fit as run_fit
     from tlkit.config import FitConfig
 
-    base = FitConfig.load(config_file) if config_file else None
-    if base is None and data_dir is None:
-        raise click.UsageError("Give DATA_DIR or --config FILE.")
     if quiet:
         options["verbose"] = 0
-    result = run_fit(data_dir, config=base, **options)
+    if resume:
+        given = sorted(k for k, v in options.items() if v is not None and k != "verbose")
+        if data_dir or config_file or given:
+            raise click.UsageError("--resume continues a run with its own settings: give no "
+                                   f"DATA_DIR, --config or other options (got {given}).")
+        result = run_fit(resume=resume, verbose=options.get("verbose"))
+    else:
+        base = FitConfig.load(config_file) if config_file else None
+        if base is None and data_dir is None:
+            raise click.UsageError("Give DATA_DIR, --config FILE or --resume RUN_DIR.")
+        result = run_fit(data_dir, config=base, **options)
     click.echo(str(result.export_path) if quiet else f"Done. Model: {result.export_path}")
 
 

@@ -8,9 +8,11 @@ Progress uses Keras's `Progbar`.
 """
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 import keras
@@ -21,6 +23,34 @@ from tlkit.config import _check_number
 from tlkit.errors import ConfigError
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+@dataclass
+class StageProgress:
+    """How far a stage has got: what a checkpoint stores to resume it."""
+
+    epoch: int = 0  # last completed epoch of the stage
+    history: list = field(default_factory=list)  # its per-epoch logs so far
+    best: float = math.inf  # lowest val_loss so far
+    best_epoch: int = 0  # the epoch that reached it
+    waited: int = 0  # epochs since then (early-stopping counter)
+    best_weights: list | None = None  # model weights of the best epoch
+    optimizer_state: list | None = None  # optimizer variables to restore on resume
+    optimizer: object = field(default=None, repr=False)  # the live optimizer (not saved)
+
+    def to_dict(self):
+        """The JSON part (weights and optimizer state are stored as arrays beside it)."""
+        return {"epoch": self.epoch, "history": self.history, "best": self.best,
+                "best_epoch": self.best_epoch, "waited": self.waited}
+
+
+def _test_pause(stage, epoch, batch):
+    """Test hook: with TLKIT_TEST_PAUSE_AT="stage:epoch:batch", writes the file named by
+    TLKIT_TEST_PAUSE_FILE and sleeps at that batch, so a test can kill the process there."""
+    target = os.environ.get("TLKIT_TEST_PAUSE_AT")
+    if target and target == f"{stage}:{epoch}:{batch}":
+        Path(os.environ["TLKIT_TEST_PAUSE_FILE"]).write_text("paused")
+        time.sleep(3600)
 
 
 @dataclass
@@ -56,7 +86,7 @@ class Trainer:
         self.verbose = verbose
 
     def train_stage(self, train_ds, val_ds, *, epochs, learning_rate, patience=5,
-                    name="train", sample_weights=None):
+                    name="train", sample_weights=None, resume=None, on_epoch_end=None):
         """Trains until `epochs` or until `val_loss` has not improved for `patience` epochs.
 
         The weights of the epoch with the lowest `val_loss` are restored at the end.
@@ -69,6 +99,10 @@ class Trainer:
             patience: epochs without improvement before stopping.
             name: stage name recorded in the history.
             sample_weights: optional float array, one weight per class index.
+            resume: a `StageProgress` saved after an earlier epoch of this stage: training
+                continues after it, with its optimizer state and best weights.
+            on_epoch_end: called as `on_epoch_end(progress)` after every epoch with the
+                stage's `StageProgress` (for checkpoints).
 
         Returns:
             A `StageResult`.
@@ -81,27 +115,34 @@ class Trainer:
         step = self._make_train_step(optimizer, variables, sample_weights)
         steps = _cardinality(train_ds)
 
-        history, best, best_epoch, best_weights, waited = [], math.inf, 0, None, 0
-        for epoch in range(1, epochs + 1):
+        progress = resume or StageProgress()
+        if progress.optimizer_state is not None:
+            for variable, value in zip(optimizer.variables, progress.optimizer_state):
+                variable.assign(value)
+        progress.optimizer = optimizer
+        while progress.epoch < epochs and progress.waited < patience:
+            epoch = progress.epoch + 1
             if self.verbose == 1:
                 print(f"[{name}] Epoch {epoch}/{epochs}")
             started = time.perf_counter()
-            train = self._run_epoch(train_ds, step, steps)
+            train = self._run_epoch(train_ds, step, steps, (name, epoch))
             val = evaluate(self.model, val_ds)
             logs = {"stage": name, "epoch": epoch, **train,
                     "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                     "lr": float(learning_rate), "seconds": time.perf_counter() - started}
-            history.append(logs)
+            progress.history.append(logs)
+            progress.epoch = epoch
             self._report(name, epoch, epochs, logs)
-            if logs["val_loss"] < best:
-                best, best_epoch, waited = logs["val_loss"], epoch, 0
-                best_weights = [np.array(w) for w in self.model.get_weights()]
+            if logs["val_loss"] < progress.best:
+                progress.best, progress.best_epoch, progress.waited = logs["val_loss"], epoch, 0
+                progress.best_weights = [np.array(w) for w in self.model.get_weights()]
             else:
-                waited += 1
-                if waited >= patience:
-                    break
-        if best_weights is not None:
-            self.model.set_weights(best_weights)
+                progress.waited += 1
+            if on_epoch_end is not None:
+                on_epoch_end(progress)
+        if progress.best_weights is not None:
+            self.model.set_weights(progress.best_weights)
+        history, best_epoch = progress.history, progress.best_epoch
         best_logs = {k: history[best_epoch - 1][k] for k in METRICS} if best_epoch else {}
         stopped = len(history) < epochs
         if stopped and self.verbose:
@@ -127,11 +168,12 @@ class Trainer:
 
         return train_step
 
-    def _run_epoch(self, dataset, step, steps):
+    def _run_epoch(self, dataset, step, steps, where):
         progbar = (keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
                    if self.verbose == 1 else None)
         totals = np.zeros(3)
         for index, (images, labels) in enumerate(dataset, start=1):
+            _test_pause(*where, index)
             totals += [float(v) for v in step(images, labels)]
             if progbar is not None:
                 progbar.update(index, [("loss", totals[0] / totals[2]),
@@ -335,7 +377,8 @@ def _leaf_layers(model):
 
 
 def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
-                 freeze_batchnorm=True, sample_weights=None, verbose=1):
+                 freeze_batchnorm=True, sample_weights=None, verbose=1, checkpoint_dir=None,
+                 resume=None):
     """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
@@ -352,21 +395,44 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         freeze_batchnorm: see `set_trainable`.
         sample_weights: optional per-class loss weights.
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
+        checkpoint_dir: if given, the run state is saved there after every epoch
+            (`tlkit.checkpoint`), so the run can resume after a crash or a kill.
+        resume: a `tlkit.checkpoint.RunState` to continue from.
 
     Returns:
         A list of `StageResult`, one per stage.
     """
+    from tlkit.checkpoint import RunState, save_state
+
     trainer = Trainer(model, verbose=verbose)
-    results, best, best_weights = [], math.inf, None
+    if resume is not None:
+        results, best, best_weights = list(resume.finished), resume.best, resume.rollback_weights
+        model.set_weights(resume.current_weights)
+        if verbose:
+            print(f"Resuming at stage {resume.stage_index + 1}/{len(stages)}, after epoch "
+                  f"{resume.stage.epoch} of that stage.")
+    else:
+        results, best, best_weights = [], math.inf, None
+
+    def save(index, progress):
+        if checkpoint_dir is not None:
+            save_state(checkpoint_dir, RunState(index, results, best, best_weights, progress,
+                                                model.get_weights()))
+
     for index, stage in enumerate(stages):
+        if index < len(results):
+            continue
         unfrozen = set_trainable(model, groups, stage.target, freeze_batchnorm)
         if verbose:
             trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
             print(f"[{stage.target}] stage {stage}: unfrozen groups {unfrozen or 'none'}, "
                   f"{trainable:,} trainable parameters")
+        progress = resume.stage if resume is not None and index == resume.stage_index else None
         result = trainer.train_stage(train_ds, val_ds, epochs=stage.epochs,
                                      learning_rate=stage.learning_rate, patience=patience,
-                                     name=stage.target, sample_weights=sample_weights)
+                                     name=stage.target, sample_weights=sample_weights,
+                                     resume=progress,
+                                     on_epoch_end=lambda p, i=index: save(i, p))
         if result.best["val_loss"] > best:
             model.set_weights(best_weights)
             result.rolled_back = True
@@ -378,4 +444,5 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         for logs in result.history:
             logs["stage_index"] = index
         results.append(result)
+        save(index + 1, StageProgress())
     return results

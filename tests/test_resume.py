@@ -1,0 +1,135 @@
+"""Interrupted runs resume: SIGKILL mid-epoch loses at most that epoch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tlkit
+from tlkit.checkpoint import STATE_FILE, load_state
+from tlkit.errors import ConfigError
+
+from conftest import write_image_folder
+
+EPOCHS = 4
+FIT_ARGS = ["--image-size", "16", "--epochs", str(EPOCHS), "--patience", "10",
+            "--augment", "none", "--flip", "none", "--batch-size", "8", "--seed", "3",
+            "--lr", "3e-4"]
+
+
+def run_tlkit(args, cwd, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tlkit.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("data") / "shapes", classes=("a", "b"),
+                              per_class=24, size=16)
+
+
+@pytest.mark.slow
+def test_sigkill_during_epoch_2_then_resume_matches_an_uninterrupted_run(folder, tmp_path):
+    reference = run_tlkit(["fit", str(folder), *FIT_ARGS, "--name", "ref", "-q"], tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    ref_run = next((tmp_path / "runs" / "ref").iterdir())
+    ref_history = json.loads((ref_run / "history.json").read_text())
+
+    marker = tmp_path / "paused"
+    env = {**os.environ, "TLKIT_TEST_PAUSE_AT": "all:2:2", "TLKIT_TEST_PAUSE_FILE": str(marker)}
+    process = subprocess.Popen([sys.executable, "-m", "tlkit.cli", "fit", str(folder),
+                                *FIT_ARGS, "--name", "killed", "-q"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, "fit ended before reaching the pause point"
+            assert time.monotonic() < deadline, "fit never reached epoch 2, batch 2"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    run = next((tmp_path / "runs" / "killed").iterdir())
+    state = load_state(run)
+    assert state.stage_index == 0 and state.stage.epoch == 1  # epoch 1 saved, 2 was lost
+    assert not (tmp_path / "saved_models" / "killed").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".state-")]
+
+    resumed = run_tlkit(["fit", "--resume", str(run), "-q"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert len(history) == len(ref_history)
+    assert history[0]["loss"] == pytest.approx(ref_history[0]["loss"], rel=1e-5)
+    assert history[-1]["loss"] == pytest.approx(ref_history[-1]["loss"], rel=0.5, abs=0.03)
+    assert not (run / STATE_FILE).exists()  # cleared once the run finished
+    export = resumed.stdout.strip().splitlines()[-1]
+    assert tlkit.load(tmp_path / export).class_names == ["a", "b"]
+
+
+def test_ctrl_c_in_stage_2_then_resume_finishes_the_schedule(folder, tmp_path, monkeypatch):
+    common = dict(image_size=16, augment="none", flip="none", batch_size=8, seed=5,
+                  verbose=0, runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm")
+    first = tlkit.fit(folder, epochs=2, patience=10, name="a", **common)
+    staged = dict(weights=str(first.run_dir / "backbone.weights.h5"), epochs=2,
+                  fine_tune_epochs=3, unfreeze=1, patience=10, name="b", **common)
+
+    def interrupt(stage, epoch, batch):
+        if (stage, epoch, batch) == ("block2", 2, 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("tlkit.training._test_pause", interrupt)
+    with pytest.raises(tlkit.api.Interrupted, match="Resume with: tlkit fit --resume"):
+        tlkit.fit(folder, **staged)
+    run = next((tmp_path / "runs" / "b").iterdir())
+    state = load_state(run)
+    assert (state.stage_index, state.stage.epoch, state.epochs_done) == (1, 1, 3)
+    assert state.stage.optimizer_state is not None
+    monkeypatch.undo()
+
+    done = tlkit.fit(resume=run, verbose=0)
+    assert [(h["stage"], h["epoch"]) for h in done.history] == [
+        ("head", 1), ("head", 2), ("block2", 1), ("block2", 2), ("block2", 3)]
+    schedule = json.loads((run / "schedule.json").read_text())
+    assert [s["stage"] for s in schedule] == ["head", "block2"]
+    assert not (run / STATE_FILE).exists()
+    with pytest.raises(ConfigError, match="already finished"):
+        tlkit.fit(resume=run)
+    with pytest.raises(ConfigError, match="only `verbose`"):
+        tlkit.fit(folder, resume=run)
+
+
+def test_state_round_trip_is_exact(tmp_path):
+    import keras
+
+    from tlkit.checkpoint import RunState, save_state
+    from tlkit.training import StageProgress, StageResult
+
+    optimizer = keras.optimizers.Adam(1e-3)
+    variable = keras.Variable(np.ones((2, 3), "float32"))
+    optimizer.build([variable])
+    optimizer.apply([np.full((2, 3), 0.5, "float32")], [variable])
+    progress = StageProgress(epoch=3, history=[{"loss": 1.0}], best=0.5, best_epoch=2,
+                             waited=1, best_weights=[np.arange(4.0)])
+    progress.optimizer = optimizer
+    finished = [StageResult("head", [{"loss": 2.0}], 1, {"val_loss": 0.7})]
+    save_state(tmp_path, RunState(1, finished, 0.7, [np.zeros(2)], progress, [np.ones(3)]))
+    state = load_state(tmp_path)
+    assert state.stage_index == 1 and state.best == 0.7
+    assert state.finished[0].name == "head" and state.finished[0].best == {"val_loss": 0.7}
+    assert (state.stage.epoch, state.stage.best_epoch, state.stage.waited) == (3, 2, 1)
+    np.testing.assert_array_equal(state.stage.best_weights[0], np.arange(4.0))
+    np.testing.assert_array_equal(state.current_weights[0], np.ones(3))
+    np.testing.assert_array_equal(state.rollback_weights[0], np.zeros(2))
+    saved = [np.array(v) for v in optimizer.variables]
+    assert len(state.stage.optimizer_state) == len(saved)
+    for a, b in zip(state.stage.optimizer_state, saved):
+        np.testing.assert_array_equal(a, b)
+    assert state.epochs_done == 4
