@@ -49,7 +49,7 @@ def save_state(folder, state):
             "stage": state.stage.to_dict()}
     arrays = {"meta": np.array(json.dumps(meta))}
     optimizer = state.stage.optimizer
-    optimizer_state = ([np.array(v) for v in optimizer.variables] if optimizer is not None
+    optimizer_state = ([v.numpy() for v in optimizer.variables] if optimizer is not None
                        else state.stage.optimizer_state)
     for group, values in zip(_GROUPS, (state.current_weights, state.rollback_weights,
                                        state.stage.best_weights, optimizer_state)):
