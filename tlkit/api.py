@@ -25,11 +25,13 @@ from tlkit.config import FitConfig, build_config
 from tlkit.data import load_image_data, make_dataset
 from tlkit.checkpoint import clear_state, load_state
 from tlkit.errors import ConfigError, DataError, TlkitError
+from tlkit.evaluate import evaluate_arrays
 from tlkit.export import check_version_free, export_classifier
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation)
 from tlkit.plots import plot_history
-from tlkit.training import evaluate, parse_stages, plan_stages, run_schedule
+from tlkit.training import (adapt_batchnorm_momentum, evaluate, parse_stages, plan_stages,
+                            run_schedule)
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 
@@ -117,6 +119,9 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                                      config.model.dropout, backbone_model=backbone)
         groups = unfreeze_groups(spec, backbone)
         stages = _schedule(config, [name for name, _ in groups], pretrained)
+        if not pretrained:
+            steps = -(-len(data.splits["train"]) // config.data.batch_size)
+            adapt_batchnorm_momentum(model, steps)
         augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed)
         batch = config.data.batch_size
         train_ds = make_dataset(data.splits["train"], batch, shuffle=True, seed=config.seed,
@@ -140,6 +145,10 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
         metrics = {name: evaluate(model, make_dataset(data.splits[name], batch))
                    for name in ("val", "test") if name in data.splits}
         schedule = _schedule_report(results)
+        evaluation = {name: _evaluation_summary(evaluate_arrays(
+            model, data.splits[name].images, data.splits[name].labels, data.class_names,
+            output_dir=run_dir / f"evaluation_{name}", sources=data.splits[name].files))
+            for name in ("val", "test") if name in data.splits}
 
         model.save(run_dir / "model.keras")
         backbone.save_weights(run_dir / BACKBONE_WEIGHTS)
@@ -153,6 +162,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
             image_size=config.data.image_size, resize=config.data.resize,
             version=config.export.version,
             metadata={"backbone": config.model.backbone, "metrics": metrics,
+                      "evaluation": evaluation,
                       "weights": config.model.weights, "schedule": schedule,
                       "epochs_trained": len(history),
                       "data": {n: len(s) for n, s in data.splits.items()},
@@ -217,6 +227,13 @@ def _schedule(config, group_names, pretrained):
         return parse_stages(train.stages, group_names)
     return plan_stages(group_names, pretrained, train.epochs, train.learning_rate,
                        unfreeze=train.unfreeze, fine_tune_epochs=train.fine_tune_epochs)
+
+
+def _evaluation_summary(report):
+    metrics = report.metrics
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_avg"]["f1"],
+            "ece": metrics["ece"], "top_k_accuracy": metrics["top_k_accuracy"],
+            "images": metrics["num_samples"], "mistakes": len(report.mistakes)}
 
 
 def _schedule_report(results):

@@ -216,6 +216,110 @@ _PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
 
 
 @main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
+              help="Export folder [default: the newest export under ./saved_models].")
+@click.option("--class", "class_name", help="Explain this class instead of the predicted one.")
+@click.option("--layer", help="Backbone layer to explain [default: the last feature map "
+              "larger than 1x1, the one built into the export]; needs the run folder.")
+@click.option("--out", "output_dir", default="explanations", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@_user_errors
+def explain(images, model_path, class_name, layer, output_dir):
+    """Grad-CAM heatmaps: which part of each image drove the prediction (PNG per image).
+
+    Uses the export's own `explain_images` signature, so it works from an export alone.
+
+    \b
+    Example:
+      tlkit explain data/digits/7/7_0061.png
+      tlkit explain cat.jpg --class dog --model saved_models/pets/3 --out heatmaps/
+    """
+    from tlkit.explain import explain_files
+
+    for item in explain_files(list(images), model_path, class_name=class_name, layer=layer,
+                              output_dir=output_dir):
+        click.echo(f"{item['file']}: {item['class']} ({item['probability']:.1%}) -> "
+                   f"{item['png']}")
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
+              help="Export folder [default: the newest export under ./saved_models].")
+@click.option("-k", "--top-k", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Also report top-k accuracy.")
+@click.option("--out", "output_dir", default=None, type=click.Path(file_okay=False),
+              help="Write metrics.json, confusion_matrix.png, reliability.png, mistakes.csv "
+              "and mistakes.png here.")
+@click.option("--format", "output_format", default="text", show_default=True,
+              type=click.Choice(["text", "json"]), help="Output format.")
+@_user_errors
+def evaluate(data_dir, model_path, top_k, output_dir, output_format):
+    """Evaluate an export on a labelled folder (one subfolder per class).
+
+    Accuracy, top-k accuracy, per-class precision/recall/F1, macro and weighted averages,
+    the confusion matrix, calibration (ECE) and the most confident mistakes.
+
+    \b
+    Example:
+      tlkit evaluate data/digits --out reports/digits
+      tlkit evaluate ./test_photos --model saved_models/photos/2 --format json
+    """
+    from tlkit.evaluate import evaluate_folder
+
+    report = evaluate_folder(data_dir, model_path, top_k=top_k, output_dir=output_dir)
+    click.echo(json.dumps(report.to_dict(), indent=2) if output_format == "json"
+               else report.to_text())
+    if output_dir and output_format == "text":
+        click.echo(f"Reports written to {output_dir}")
+
+
+@main.command("inspect")
+@click.option("--backbone", help="A registered backbone (see `tlkit backbones`).")
+@click.option("--image-size", type=int, help="Input side [default: the backbone's].")
+@click.option("--model", "model_path", type=click.Path(exists=True),
+              help="A tlkit run folder or .keras file instead of a bare backbone.")
+@_user_errors
+def inspect_command(backbone, image_size, model_path):
+    """Per-layer table: output size, parameters, receptive field, jump and MACs.
+
+    Output size follows (n + 2p - k) / s + 1, parameters K*K*C*F + F for a convolution, the
+    receptive field grows by (k - 1) * jump per layer. MACs are multiply-accumulates
+    (FLOPs = 2 x MACs). For a backbone it also lists trainable and frozen parameters at
+    each stage of the unfreeze schedule.
+
+    \b
+    Example:
+      tlkit inspect --backbone resnet50 --image-size 224
+      tlkit inspect --backbone lenet5
+      tlkit inspect --model runs/digits/20250101-120000
+    """
+    from tlkit.inspection import (format_table, inspect_backbone, inspect_model, stage_table,
+                                  summarize)
+
+    if (backbone is None) == (model_path is None):
+        raise click.UsageError("Give either --backbone NAME or --model PATH.")
+    if model_path:
+        from tlkit.models import _model_file, load_keras_model
+
+        rows = inspect_model(load_keras_model(_model_file(model_path)))
+        click.echo(format_table(rows, summarize(rows)))
+        return
+    from tlkit.backbones import get_backbone
+
+    spec = get_backbone(backbone)
+    size = image_size or spec.default_size
+    rows, totals = inspect_backbone(spec.name, size)
+    click.echo(format_table(rows, totals))
+    weights = "imagenet" if spec.imagenet else "none"
+    click.echo(f"\nTrainable / frozen parameters per stage ({'pretrained' if spec.imagenet else 'from scratch'}, "
+               "2-class head, BatchNorm frozen when pretrained):")
+    for stage, trainable, frozen in stage_table(spec.name, size, weights=weights):
+        click.echo(f"  {stage:<10} trainable {trainable:>12,}  frozen {frozen:>12,}")
+
+
+@main.command()
 def backbones():
     """List the backbones `tlkit fit --backbone` accepts, with their defaults.
 

@@ -11,6 +11,7 @@ folder, so `tlkit fit --config run/config.json` repeats the run.
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ def _check_choice(name, value, choices):
 
 
 def _check_number(name, value, low, high=math.inf, *, integer=False, low_open=False):
-    kind = int if integer else (int, float)
+    kind = numbers.Integral if integer else numbers.Real
     bad_type = isinstance(value, bool) or not isinstance(value, kind)
     if bad_type or value < low or value > high or (low_open and value == low):
         span = f"{'>' if low_open else '>='} {low}"

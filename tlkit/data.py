@@ -89,8 +89,8 @@ def scan_folder(data_dir, class_names=None):
         unknown = sorted(set(found) - set(class_names))
         if unknown:
             raise DataError(
-                f"Folder {str(root)!r} has classes that the training data does not: "
-                f"{unknown}. Expected only {list(class_names)}."
+                f"Folder {str(root)!r} has class folders {unknown} that are not among the "
+                f"expected classes {list(class_names)}."
             )
     else:
         class_names = found

@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from tlkit import __version__
-from tlkit.errors import ExportError
+from tlkit.errors import ConfigError, ExportError
+from tlkit.explain import make_gradcam
 from tlkit.images import DEFAULT_MAX_PIXELS, decode_bytes, resize_image
 
 METADATA_FILE = "tlkit.json"
@@ -128,12 +129,7 @@ def _write(model, class_names, path, image_size, resize, metadata):
         return _outputs(model(images, training=False), class_names)
 
     def serving_default(image_bytes):
-        def one(data):
-            return tf.cast(resize_image(decode_bytes(data), size, resize), tf.float32)
-
-        images = tf.map_fn(one, image_bytes,
-                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-        return predict_images(images)
+        return predict_images(_decode_batch(image_bytes, size, resize))
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -142,6 +138,7 @@ def _write(model, class_names, path, image_size, resize, metadata):
     archive.add_endpoint("predict_images", predict_images,
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
                                                         name="images")])
+    explain_layer = _add_explain_endpoints(archive, model, size, resize)
     archive.write_out(str(path), verbose=False)
     assets = path / "assets"
     assets.mkdir(exist_ok=True)
@@ -154,13 +151,48 @@ def _write(model, class_names, path, image_size, resize, metadata):
         "resize": resize,
         "input_range": [0, 255],
         "max_pixels": DEFAULT_MAX_PIXELS,
-        "signatures": {"serving_default": "image_bytes", "predict_images": "images"},
+        "signatures": {"serving_default": "image_bytes", "predict_images": "images",
+                       **({"explain": "image_bytes, class_ids",
+                           "explain_images": "images, class_ids"} if explain_layer else {})},
+        "explain_layer": explain_layer,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"tlkit": __version__, "tensorflow": tf.__version__,
                      "keras": keras.__version__, "python": platform.python_version()},
         **metadata,
     }
     (assets / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n")
+
+
+def _add_explain_endpoints(archive, model, size, resize):
+    """Adds the Grad-CAM signatures; returns their layer, or None if the model has no
+    feature map larger than 1x1 to explain with."""
+    try:
+        gradcam, layer = make_gradcam(model)
+    except ConfigError:
+        return None
+    class_ids = tf.TensorSpec([None], tf.int64, name="class_ids")
+
+    def explain_images(images, class_ids):
+        return gradcam(images, class_ids)
+
+    def explain(image_bytes, class_ids):
+        return gradcam(_decode_batch(image_bytes, size, resize), class_ids)
+
+    archive.add_endpoint("explain_images", explain_images, input_signature=[
+        tf.TensorSpec([None, size, size, 3], tf.float32, name="images"), class_ids])
+    archive.add_endpoint("explain", explain, input_signature=[
+        tf.TensorSpec([None], tf.string, name="image_bytes"), class_ids])
+    return layer
+
+
+def _decode_batch(image_bytes, size, resize):
+    """Encoded images -> float32 `(n, size, size, 3)` with the training contract."""
+
+    def one(data):
+        return tf.cast(resize_image(decode_bytes(data), size, resize), tf.float32)
+
+    return tf.map_fn(one, image_bytes,
+                     fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
 
 def verify_export(path, model, images):

@@ -44,6 +44,7 @@ def build_backbone(backbone, image_size, weights="none"):
     Raises:
         WeightsError: if the weights cannot be downloaded or loaded; the message says which
             file was wanted, where to put it, and the alternatives.
+        ConfigError: if `weights="imagenet"` for a backbone that has no ImageNet weights.
     """
     spec = get_backbone(backbone)
     input_shape = (image_size, image_size, 3)

@@ -1,11 +1,11 @@
-"""PNG figures of a run: training curves with stage boundaries."""
+"""PNG figures of a run: training curves with stage boundaries.
 
-import matplotlib
+Figures are drawn on `matplotlib.figure.Figure` objects (Agg), never through pyplot, so
+tlkit leaves the matplotlib backend of the calling program (a notebook, say) alone.
+"""
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _stage(logs):
@@ -26,7 +26,8 @@ def plot_history(history, path, title="Training"):
         `path`.
     """
     epochs = range(1, len(history) + 1)
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    figure = Figure(figsize=(10, 4), dpi=100)
+    axes = figure.subplots(1, 2)
     for axis, metric in zip(axes, ("loss", "accuracy")):
         axis.plot(epochs, [h[metric] for h in history], "o-", ms=3, label="train")
         axis.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", ms=3, label="validation")
@@ -43,5 +44,4 @@ def plot_history(history, path, title="Training"):
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return path

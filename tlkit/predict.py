@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tlkit.config import _check_number
 from tlkit.data import image_extensions
-from tlkit.errors import DataError, ImageError
+from tlkit.errors import DataError, ExportError, ImageError
 from tlkit.export import find_latest_export, read_metadata
 from tlkit.images import load_image
 
@@ -62,6 +62,18 @@ class Classifier:
         self.resize = self.metadata["resize"]
         self._saved = tf.saved_model.load(str(self.path))
         self._predict_images = self._saved.signatures["predict_images"]
+
+    def signature(self, name):
+        """One of the export's signatures, by name (see `tlkit.export`).
+
+        Raises:
+            ExportError: if the export has no such signature (an older tlkit export).
+        """
+        if name not in self._saved.signatures:
+            raise ExportError(f"Export {str(self.path)!r} has no {name!r} signature (it has "
+                              f"{sorted(self._saved.signatures)}). Export it again with this "
+                              "tlkit version.")
+        return self._saved.signatures[name]
 
     def predict_arrays(self, images, batch_size=64):
         """Probabilities for images already at the model's size.

@@ -227,9 +227,11 @@ def _eval_step(model, images, labels):
 
 def predict_probabilities(model, images, batch_size=256):
     """Class probabilities for a uint8 or float array of images, in batches."""
+    if not len(images):
+        return np.zeros((0, model.output_shape[-1]), np.float32)
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
     return np.concatenate([_predict_step(model, tf.cast(b, tf.float32)).numpy()
-                           for b in dataset]) if len(images) else np.zeros((0,))
+                           for b in dataset])
 
 
 @tf.function(reduce_retracing=True)
@@ -365,6 +367,31 @@ def set_trainable(model, groups, target, freeze_batchnorm=True):
             trainable = False
         layer.trainable = trainable
     return unfrozen
+
+
+def adapt_batchnorm_momentum(model, steps_per_epoch, default=0.9):
+    """Lowers BatchNorm momentum when an epoch has few steps, so that the moving statistics
+    used for validation follow the weights within an epoch.
+
+    With momentum m, the moving mean and variance average about 1 / (1 - m) batches. On a
+    small training set (two steps an epoch, say) the usual 0.9-0.99 make them lag the
+    changing weights for tens of epochs, validation runs on stale statistics, and early
+    stopping ends training at chance accuracy. tlkit uses `min(default, 1 - 2 / steps)`:
+    unchanged from 20 steps an epoch up, and the last batches' statistics below that.
+
+    Args:
+        model: a Keras model; every BatchNormalization layer in it (nested too) is changed.
+        steps_per_epoch: training steps per epoch.
+        default: the momentum used when epochs are long enough.
+
+    Returns:
+        The momentum set.
+    """
+    momentum = float(min(default, max(0.0, 1.0 - 2.0 / max(steps_per_epoch, 1))))
+    for layer in _leaf_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+    return momentum
 
 
 def _leaf_layers(model):

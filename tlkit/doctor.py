@@ -1,0 +1,615 @@
+"""Checks a data folder before training: what `tlkit fit` would skip, convert or leak.
+
+    DATA_DIR  --scan_folder-->  image files (and the entries the scan ignores)
+        --check every file (threads): SHA-1 of its bytes, `decode_file` (the one decode fit
+          does), Pillow's header facts (no pixels), a 64-bit hash of a 9x8 thumbnail-->
+        --split_indices, with exactly the inputs fit gives it-->  where fit puts each file
+        --digests and perceptual hashes-->  duplicates, near-duplicates, split leaks
+        -->  DoctorReport: findings by severity, class counts, a text table or JSON
+
+Each finding has a severity: `"error"` (fit skips the file), `"warning"` (fit uses it, but it
+is worth a look) or `"info"` (fit converts it automatically). `quarantine` moves the files
+with errors out of the data folder.
+"""
+
+import hashlib
+import os
+import shutil
+import stat
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tlkit import images as image_ops
+from tlkit.config import DataConfig, _check_choice, _check_number
+from tlkit.data import SPLITS, scan_folder, split_indices
+from tlkit.errors import ConfigError, ImageError
+
+SEVERITIES = ("error", "warning", "info")
+
+CODES = {
+    # errors: `tlkit fit` skips the file
+    "unreadable": "error",  # no permission, a pipe or device, a broken or looping link
+    "empty": "error",  # 0 bytes
+    "not_image": "error",  # text, HTML, ... under an image extension
+    "bomb": "error",  # more pixels than `max_pixels`: refused from the header
+    "truncated": "error",  # truncated or corrupt image data
+    # warnings: used by fit, worth a look
+    "split_leak": "warning",  # near-duplicates on both sides of fit's split
+    "cross_class_duplicate": "warning",  # the same file in two classes: mislabelled?
+    "near_duplicate": "warning",  # nearly the same picture in the same split
+    "duplicate": "warning",  # an exact copy in the same class
+    "wrong_extension": "warning",  # e.g. a PNG named .jpg
+    "tiny": "warning",  # a side shorter than `min_size`
+    "imbalance": "warning",  # class sizes differ by more than `IMBALANCE_RATIO`
+    # info: converted automatically
+    "animated": "info",  # first frame used
+    "multi_page": "info",  # first page used
+    "converted_mode": "info",  # CMYK, 16-bit, palette or alpha converted to 8-bit RGB
+    "exif_rotated": "info",  # EXIF orientation applied
+}
+"""Every finding code, with its severity, in the order reports list them."""
+
+NEAR_DUPLICATE_BITS = 4
+"""Two images whose 64-bit perceptual hashes differ in at most this many bits are
+near-duplicates."""
+
+IMBALANCE_RATIO = 3.0
+"""The largest class may have up to this many times the usable images of the smallest."""
+
+_SEVERITY_TITLES = {
+    "error": "`tlkit fit` skips these files",
+    "warning": "used for training, worth a look",
+    "info": "converted automatically",
+}
+_PAGED_FORMATS = ("TIFF", "MPO")  # several frames are pages (or views), not an animation
+_SAME_FORMAT = {"MPO": "JPEG"}  # a camera's multi-picture JPEG is rightly named .jpg
+_ORIENTATIONS = {
+    2: "mirrored left to right",
+    3: "rotated 180 degrees",
+    4: "mirrored top to bottom",
+    5: "transposed",
+    6: "rotated 90 degrees clockwise",
+    7: "transversed",
+    8: "rotated 90 degrees counter-clockwise",
+}
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing worth knowing about one file (for `imbalance`, about the data folder)."""
+
+    path: str  # the file, as `tlkit.data.scan_folder` lists it
+    severity: str  # "error" | "warning" | "info", see `SEVERITIES`
+    code: str  # stable short name, a key of `CODES`
+    message: str  # what is wrong or notable, and what fit does about it
+    related: tuple = ()  # the other files involved: the original of a copy, a leaking twin
+
+    def to_dict(self):
+        """The finding as JSON-ready data."""
+        return {**asdict(self), "related": list(self.related)}
+
+
+def _finding(path, code, message, related=()):
+    return Finding(str(path), CODES[code], code, message, tuple(related))
+
+
+@dataclass
+class DoctorReport:
+    """What `diagnose` found in a data folder, with the split `tlkit fit` would make."""
+
+    data_dir: str  # the scanned folder
+    class_names: tuple  # class names in label order
+    files: tuple  # every image file the scan found, in scan order
+    labels: tuple  # class index of each file
+    class_counts: dict  # class name -> usable images (those fit trains and validates on)
+    splits: dict  # split name -> files fit puts there (usable files only)
+    findings: list  # `Finding`s: errors, then warnings, then info; by code, then path
+    ignored: tuple  # (path, reason) of entries the scan skips: hidden, not images, links
+    settings: dict  # the split and check settings the report was made with
+
+    @property
+    def errors(self):
+        """The error findings: one per file that `tlkit fit` would skip."""
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def imbalance(self):
+        """Usable images of the largest class over the smallest; `None` if one has none."""
+        smallest = min(self.class_counts.values())
+        return max(self.class_counts.values()) / smallest if smallest else None
+
+    def to_dict(self):
+        """The report as JSON-ready data (what `tlkit doctor --format json` prints)."""
+        counts = Counter(f.severity for f in self.findings)
+        return {
+            "data_dir": self.data_dir,
+            "settings": dict(self.settings),
+            "class_names": list(self.class_names),
+            "class_counts": dict(self.class_counts),
+            "imbalance": self.imbalance,
+            "split_counts": {name: len(files) for name, files in self.splits.items()},
+            "summary": {"files": len(self.files), **{s: counts[s] for s in SEVERITIES}},
+            "findings": [f.to_dict() for f in self.findings],
+            "splits": {name: list(files) for name, files in self.splits.items()},
+            "ignored": [{"path": p, "reason": r} for p, r in self.ignored],
+        }
+
+    def to_table(self):
+        """A readable report: images per class and split, then findings by severity.
+
+        Returns:
+            A string: one table row per class (files found, files with errors, images per
+            split), then one line per finding, naming the file and the problem, grouped by
+            severity, then the ignored entries.
+        """
+        s = self.settings
+        lines = [f"{self.data_dir}: {len(self.files)} image file(s) in "
+                 f"{len(self.class_names)} class(es); split as `tlkit fit` makes it with "
+                 f"val_split={s['val_split']}, test_split={s['test_split']}, seed={s['seed']}.",
+                 ""]
+        lines += self._class_table()
+        for severity in SEVERITIES:
+            chosen = [f for f in self.findings if f.severity == severity]
+            if chosen:
+                lines += ["", f"{len(chosen)} {severity}(s): {_SEVERITY_TITLES[severity]}"]
+                lines += [f"  {f.path}: [{f.code}] {f.message}" for f in chosen]
+        if not self.findings:
+            lines += ["", "No problems found."]
+        if self.ignored:
+            lines += ["", f"{len(self.ignored)} ignored entr(ies): hidden, not an image file "
+                      "or not followed"]
+            lines += [f"  {path}: {reason}" for path, reason in self.ignored]
+        return "\n".join(lines)
+
+    def _class_table(self):
+        names = [n for n in SPLITS if n != "test" or self.settings["test_split"] > 0]
+        label_of = dict(zip(self.files, self.labels))
+        found = Counter(self.labels)
+        failed = Counter(label_of[f.path] for f in self.errors)
+        in_split = {n: Counter(label_of[p] for p in self.splits[n]) for n in names}
+        width = max(len("class"), *(len(c) for c in self.class_names))
+        header = ["files", "errors", *names]
+        lines = ["  ".join([f"{'class':<{width}}", *(f"{h:>6}" for h in header)])]
+        for label, name in enumerate(self.class_names):
+            cells = [found[label], failed[label], *(in_split[n][label] for n in names)]
+            lines.append("  ".join([f"{name:<{width}}", *(f"{c:>6}" for c in cells)]))
+        totals = [len(self.files), len(self.errors), *(len(self.splits[n]) for n in names)]
+        lines.append("  ".join([f"{'total':<{width}}", *(f"{c:>6}" for c in totals)]))
+        return lines
+
+
+def diagnose(data_dir, val_split=0.2, test_split=0.0, seed=42, workers=0,
+             max_pixels=image_ops.DEFAULT_MAX_PIXELS, min_size=16, near_duplicates=True,
+             verbose=1):
+    """Checks every image file of a data folder the way `tlkit fit` would read it.
+
+    Every file found by `tlkit.data.scan_folder` is read and decoded once, in parallel,
+    with `tlkit.images.decode_file` (so the errors are exactly the files fit skips; a
+    decompression bomb is refused from its header and never decoded). Pillow's header
+    tells what fit converts (animation, pages, colour mode, EXIF orientation). A 64-bit
+    difference hash of a 9x8 thumbnail finds near-duplicates, and the split is the one
+    fit makes with the same `val_split`, `test_split` and `seed`, so near-duplicates on
+    both sides of it (leakage that inflates validation and test scores) are named.
+
+    Args:
+        data_dir: folder with one subfolder per class.
+        val_split: fraction of each class fit holds out for validation.
+        test_split: fraction of each class fit holds out as a test set.
+        seed: seed of fit's split.
+        workers: decoding threads; 0 uses one per CPU core.
+        max_pixels: larger images are errors (possible decompression bombs), as in fit.
+        min_size: images with a side shorter than this many pixels get a `tiny` warning;
+            0 turns the check off.
+        near_duplicates: look for near-duplicates and split leaks (perceptual hashes).
+        verbose: 0 silent, else a progress bar.
+
+    Returns:
+        A `DoctorReport`.
+
+    Raises:
+        ConfigError: if an argument is invalid (named, with the value received).
+        DataError: if the folder cannot be scanned (missing, no class subfolders, a class
+            folder with no image files).
+
+    Example:
+
+    >>> report = diagnose("data/digits", min_size=8, verbose=0)
+    >>> [f.path for f in report.errors]
+    []
+    """
+    config = DataConfig(data_dir, val_split=val_split, test_split=test_split,
+                        workers=workers)  # the split settings, validated as fit does
+    _check_number("seed", seed, 0, 2**31 - 1, integer=True)
+    _check_number("max_pixels", max_pixels, 1, integer=True)
+    _check_number("min_size", min_size, 0, integer=True)
+    _check_choice("near_duplicates", near_duplicates, (True, False))
+    _check_choice("verbose", verbose, (0, 1, 2))
+
+    scan = scan_folder(config.data_dir)
+    checks = _check_files(scan.files, max_pixels, min_size, near_duplicates, config.workers,
+                          verbose)
+    labels = np.asarray(scan.labels, np.int64)
+    usable = np.flatnonzero([check.usable for check in checks])
+    split_of = _fit_split(labels, usable, [check.digest for check in checks],
+                          config.val_split, config.test_split, seed)
+
+    findings = [_finding(path, code, message) for path, check in zip(scan.files, checks)
+                for code, message in check.notes]
+    duplicates, originals = _duplicate_findings(scan, usable, checks)
+    findings += duplicates
+    if near_duplicates:
+        findings += _near_duplicate_findings(scan, originals, checks, split_of)
+    class_counts = {name: int(np.sum(labels[usable] == label))
+                    for label, name in enumerate(scan.class_names)}
+    findings += _imbalance_findings(scan.root, class_counts)
+    order = list(CODES)
+    findings.sort(key=lambda f: (SEVERITIES.index(f.severity), order.index(f.code), f.path))
+
+    splits = {name: tuple(scan.files[i] for i in sorted(split_of) if split_of[i] == name)
+              for name in SPLITS}
+    settings = {"val_split": config.val_split, "test_split": config.test_split, "seed": seed,
+                "max_pixels": max_pixels, "min_size": min_size,
+                "near_duplicates": near_duplicates,
+                "near_duplicate_bits": NEAR_DUPLICATE_BITS if near_duplicates else None}
+    return DoctorReport(scan.root, scan.class_names, scan.files, scan.labels, class_counts,
+                        splits, findings, scan.ignored, settings)
+
+
+def quarantine(report, dest_dir):
+    """Moves every file with an error finding out of the data folder into `dest_dir`.
+
+    Files keep their path relative to the data folder (`DATA_DIR/a/x.jpg` goes to
+    `dest_dir/a/x.jpg`), so nothing is lost and each can be fixed and moved back. Nothing
+    is deleted or overwritten: when the target exists, the file gets a free name
+    (`x-1.jpg`, `x-2.jpg`, ...).
+
+    Args:
+        report: a `DoctorReport` from `diagnose`.
+        dest_dir: the quarantine folder (created if missing). It must be outside the data
+            folder, where it would be scanned again as a class.
+
+    Returns:
+        A list of `(source, destination)` path strings, one per moved file.
+
+    Raises:
+        ConfigError: (a `ValueError`) if `report` is not a `DoctorReport` or `dest_dir` is
+            inside the data folder.
+    """
+    if not isinstance(report, DoctorReport):
+        raise ConfigError("`report` must be a DoctorReport from `tlkit.doctor.diagnose`. "
+                          f"Received: report={report!r}")
+    root = Path(report.data_dir)
+    dest = Path(dest_dir)
+    resolved_root, resolved_dest = root.resolve(), dest.resolve()
+    if resolved_dest == resolved_root or resolved_root in resolved_dest.parents:
+        raise ConfigError(
+            f"`dest_dir` must be outside the data folder {str(root)!r}: files moved there "
+            f"would be scanned again as a class. Received: dest_dir={str(dest_dir)!r}"
+        )
+    moved = []
+    for path in sorted({f.path for f in report.errors}):
+        target = dest / Path(path).relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target = _reserve_free_name(target)
+        try:
+            _move(path, target)
+        except BaseException:
+            target.unlink()
+            raise
+        moved.append((path, str(target)))
+    return moved
+
+
+def _reserve_free_name(target):
+    """Creates an empty placeholder at `target`, or `name-N.ext` if taken; returns it."""
+    candidate, number = target, 0
+    while True:
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = target.with_name(f"{target.stem}-{number}{target.suffix}")
+
+
+def _move(source, target):
+    """Renames `source` over its own placeholder `target`; copies across file systems."""
+    try:
+        os.replace(source, target)
+    except OSError as e:
+        if e.errno != getattr(os, "EXDEV", 18) and e.errno != 18:
+            raise
+        target.unlink()
+        shutil.move(source, target)
+        os.close(os.open(target, os.O_RDONLY))  # the placeholder is unlinked by the caller
+
+
+# Per-file checks (run in worker threads) -------------------------------------------------
+
+
+@dataclass
+class _FileCheck:
+    """What one file's worker found."""
+
+    usable: bool = False  # decoded: fit trains on it
+    digest: str | None = None  # SHA-1 of the file's bytes, as fit computes it
+    dhash: int | None = None  # 64-bit perceptual hash of a usable file
+    notes: list = field(default_factory=list)  # (code, message) of the file's findings
+
+
+def _check_files(files, max_pixels, min_size, hashing, workers, verbose):
+    """Runs `_check_file` on every file in a thread pool, with a progress bar."""
+    import keras
+
+    extensions = Image.registered_extensions()
+    progbar = keras.utils.Progbar(len(files), unit_name="image") if verbose and files else None
+    checks = []
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        jobs = pool.map(lambda path: _check_file(path, max_pixels, min_size, hashing,
+                                                 extensions), files)
+        for done, check in enumerate(jobs, start=1):
+            checks.append(check)
+            if progbar and (done % 64 == 0 or done == len(files)):
+                progbar.update(done)
+    return checks
+
+
+def _check_file(path, max_pixels, min_size, hashing, extensions):
+    """Reads, decodes and inspects one file as fit would; keeps no full-size pixels."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return _FileCheck(notes=[("unreadable", "not a regular file (a pipe, socket or "
+                                      "device): reading it could block or never end")])
+        digest, size, head = _read(path)
+    except OSError as e:
+        return _FileCheck(notes=[("unreadable", f"cannot read file: {e.strerror or e}")])
+    try:
+        pixels = image_ops.decode_file(path, max_pixels)
+    except ImageError as e:
+        code = "empty" if size == 0 else _refusal(path, max_pixels)
+        return _FileCheck(digest=digest, notes=[(code, e.reason + _text_hint(code, head))])
+    notes = _header_notes(path, extensions)
+    height, width = pixels.shape[:2]
+    if min(height, width) < min_size:
+        notes.append(("tiny", f"{width}x{height} pixels, a side under min_size={min_size}: "
+                              "little detail once resized to the model input"))
+    return _FileCheck(True, digest, _dhash(pixels) if hashing else None, notes)
+
+
+def _read(path):
+    """SHA-1 of a file's bytes (read in chunks), its size and its first bytes."""
+    sha1, size, head = hashlib.sha1(), 0, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            head = head or chunk[:64]
+            sha1.update(chunk)
+            size += len(chunk)
+    return sha1.hexdigest(), size, head
+
+
+def _refusal(path, max_pixels):
+    """The error code of a non-empty file `decode_file` refused, from Pillow's header."""
+    try:
+        with Image.open(path) as image:
+            return "bomb" if image.width * image.height > max_pixels else "truncated"
+    except Image.DecompressionBombError:
+        return "bomb"
+    except Image.UnidentifiedImageError:
+        return "not_image"
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return "truncated"
+
+
+def _text_hint(code, head):
+    if code != "not_image":
+        return ""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if not text.strip() or not text.isprintable() and not text.replace("\n", "").replace(
+            "\r", "").replace("\t", "").isprintable():
+        return ""
+    return f"; it holds text (starts {text.strip()[:24]!r})"
+
+
+def _header_notes(path, extensions):
+    """Findings from Pillow's header of a file that decoded: format, frames, mode, EXIF."""
+    try:
+        with Image.open(path) as image:
+            notes = []
+            expected = extensions.get(Path(path).suffix.lower())
+            if expected and _SAME_FORMAT.get(image.format, image.format) != expected:
+                notes.append(("wrong_extension",
+                              f"a {image.format} file named {Path(path).suffix!r} (the "
+                              f"extension of {expected}); fit reads it by its content"))
+            frames = _frame_count(image)
+            if frames > 1:
+                paged = image.format in _PAGED_FORMATS
+                kind = ("multi_page", "pages") if paged else ("animated", "frames")
+                notes.append((kind[0], f"{image.format} with {frames} {kind[1]}: fit uses "
+                                       "the first"))
+            mode_note = _mode_note(image, path)
+            if mode_note:
+                notes.append(("converted_mode", mode_note))
+            orientation = _orientation(image)
+            if orientation in _ORIENTATIONS:
+                notes.append(("exif_rotated", f"EXIF orientation {orientation}: fit shows "
+                                              f"the image {_ORIENTATIONS[orientation]}, as "
+                                              "the camera meant"))
+            return notes
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return []  # changed since it decoded a moment ago: nothing more to say
+
+
+def _frame_count(image):
+    try:
+        return getattr(image, "n_frames", 1)
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return 1  # a damaged later frame: fit reads only the first
+
+
+def _mode_note(image, path):
+    """How `decode_file` converts this image's mode to 8-bit RGB, or None if it need not."""
+    mode = image.mode
+    if mode in image_ops._HIGH_BIT_MODES or image_ops._is_16_bit_color_png(image, path):
+        return f"{mode} with 16-bit (or wider) samples: scaled to 8 bits (value / 257)"
+    if mode == "P":
+        dropped = "; transparency dropped" if "transparency" in image.info else ""
+        return f"palette image: colours converted to RGB{dropped}"
+    if mode.endswith(("A", "a")):
+        return f"{mode}: alpha channel dropped (transparent areas keep their stored colour)"
+    if mode in ("RGB", "L", "1"):
+        return None
+    return f"{mode} colours converted to RGB"
+
+
+def _orientation(image):
+    """The EXIF orientation from the header, without decoding the pixels."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # Pillow would decode the whole PNG to look for an eXIf chunk after it
+    return image.getexif().get(image_ops._ORIENTATION_TAG, 1)
+
+
+def _dhash(pixels):
+    """64-bit difference hash: is each cell of a 9x8 gray thumbnail brighter than the next.
+
+    Survives re-encoding, small noise, brightness changes and resizing; the thumbnail is
+    the only copy made, so no full-size image outlives the call.
+    """
+    thumb = Image.fromarray(pixels).resize((9, 8), Image.Resampling.BOX).convert("L")
+    cells = np.asarray(thumb, np.int16)
+    return int(np.packbits(cells[:, :-1] > cells[:, 1:]).view(">u8")[0])
+
+
+# The folder as a whole -------------------------------------------------------------------
+
+
+def _fit_split(labels, usable, digests, val_split, test_split, seed):
+    """File index -> split name, for the usable files, exactly as `load_image_data` splits."""
+    if not len(usable):
+        return {}
+    parts = split_indices(labels[usable], [digests[i] for i in usable],
+                          {"test": test_split, "val": val_split}, seed)
+    return {int(usable[p]): name for name, positions in parts.items() for p in positions}
+
+
+def _duplicate_findings(scan, usable, checks):
+    """Exact copies (equal SHA-1) among usable files; returns findings and the originals."""
+    groups = {}
+    for index in usable:
+        groups.setdefault(checks[index].digest, []).append(int(index))
+    findings = []
+    for original, *copies in groups.values():
+        first, first_class = scan.files[original], scan.class_names[scan.labels[original]]
+        for copy in copies:
+            if scan.labels[copy] == scan.labels[original]:
+                findings.append(_finding(scan.files[copy], "duplicate", (
+                    f"an exact copy of {first}: it counts twice in training (fit keeps "
+                    "copies in one split)"), [first]))
+            else:
+                findings.append(_finding(scan.files[copy], "cross_class_duplicate", (
+                    f"identical to {first} in class {first_class!r}: the same image under "
+                    "two labels, one is probably wrong"), [first]))
+    return findings, sorted(group[0] for group in groups.values())
+
+
+def _near_duplicate_findings(scan, originals, checks, split_of):
+    """Near-duplicates among the originals: across fit's split (leaks) or within a split.
+
+    Files are grouped by equal hash first, so a thousand blank images cost one group, not a
+    million pairs. A leak is reported on the file in the later split (val after train, test
+    after both), naming its nearest twin in an earlier split; a near-duplicate within a
+    split is reported on the later file, naming its nearest earlier twin.
+    """
+    if not originals:
+        return []
+    unique, group_of = np.unique([checks[i].dhash for i in originals], return_inverse=True)
+    neighbours = {g: [(0, g)] for g in range(len(unique))}
+    for a, b, bits in _near_pairs(unique, NEAR_DUPLICATE_BITS):
+        neighbours[a].append((bits, b))
+        neighbours[b].append((bits, a))
+    first = {}  # (hash group, split) -> first original there, in scan order
+    for index, group in zip(originals, group_of):
+        first.setdefault((group, split_of[index]), index)
+    findings = []
+    for index, group in zip(originals, group_of):
+        split = split_of[index]
+        earlier = SPLITS[:SPLITS.index(split)]
+        leaks = sorted((bits, first[other, s], s) for bits, other in neighbours[group]
+                       for s in earlier if (other, s) in first)
+        if leaks:
+            bits, twin, twin_split = leaks[0]
+            more = f" ({len(leaks) - 1} more in related)" if len(leaks) > 1 else ""
+            findings.append(_finding(scan.files[index], "split_leak", (
+                f"fit puts this file in {split!r} and its near-duplicate {scan.files[twin]} "
+                f"in {twin_split!r} ({_likeness(bits)}{_classes(scan, index, twin)}): "
+                f"{split!r} is not independent of {twin_split!r}, so its scores come out "
+                f"too high. Remove one, or keep both in one split{more}."),
+                [scan.files[t] for _, t, _ in leaks]))
+        same = sorted((bits, first[other, split]) for bits, other in neighbours[group]
+                      if first.get((other, split), index) < index)
+        if same:
+            bits, twin = same[0]
+            findings.append(_finding(scan.files[index], "near_duplicate", (
+                f"a near-duplicate of {scan.files[twin]} ({_likeness(bits)}"
+                f"{_classes(scan, index, twin)}), both in {split!r}"), [scan.files[twin]]))
+    return findings
+
+
+def _likeness(bits):
+    return "the same perceptual hash" if bits == 0 else f"{bits} of 64 hash bits differ"
+
+
+def _classes(scan, index, twin):
+    a, b = (scan.class_names[scan.labels[i]] for i in (index, twin))
+    return "" if a == b else f"; classes {a!r} and {b!r}: one may be mislabelled"
+
+
+def _near_pairs(hashes, max_bits):
+    """Pairs `(i, j, bits)`, i < j, of distinct 64-bit hashes at most `max_bits` apart.
+
+    Pigeonhole: cut the 64 bits into `max_bits + 1` bands; hashes that differ in at most
+    `max_bits` bits agree on a whole band, so only hashes sharing a band value are compared.
+    """
+    hashes = np.asarray(hashes, np.uint64)
+    bands = max_bits + 1
+    width = -(-64 // bands)
+    candidates = [np.empty((0, 2), np.int64)]
+    for band in range(bands):
+        keys = (hashes >> np.uint64(band * width)) & np.uint64((1 << width) - 1)
+        order = np.argsort(keys, kind="stable")
+        ranked = keys[order]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+        ends = np.r_[starts[1:], len(ranked)]
+        for start, end in zip(starts, ends):
+            if end - start > 1:
+                i, j = np.triu_indices(end - start, 1)
+                members = np.sort(order[start:end])
+                candidates.append(np.stack([members[i], members[j]], axis=1))
+    pairs = np.unique(np.concatenate(candidates), axis=0)
+    differing = (hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]).astype(">u8")
+    bits = np.unpackbits(differing.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    return [(int(i), int(j), int(b)) for (i, j), b in zip(pairs, bits) if b <= max_bits]
+
+
+def _imbalance_findings(root, class_counts):
+    smallest = min(class_counts, key=class_counts.get)
+    largest = max(class_counts, key=class_counts.get)
+    low, high = class_counts[smallest], class_counts[largest]
+    if low == 0:
+        return [_finding(root, "imbalance", (
+            f"class {smallest!r} has no usable image: `tlkit fit` refuses to train until "
+            "it has some"))]
+    if high / low <= IMBALANCE_RATIO:
+        return []
+    return [_finding(root, "imbalance", (
+        f"class {largest!r} has {high} usable images and class {smallest!r} {low} (ratio "
+        f"{high / low:.1f} > {IMBALANCE_RATIO:g}): consider more images of the small "
+        "classes, or `--class-weight auto`"))]

@@ -1,0 +1,522 @@
+"""Evaluation: how well a classifier does on labelled images, and where it goes wrong.
+
+    labelled folder --scan_folder--> files --Classifier.predict--> probabilities --+
+    in-memory images + labels --model--> probabilities ----------------------------+
+        --compute_metrics--> accuracy, top-k, per-class P/R/F1, confusion, calibration
+        --> EvaluationReport (+ output_dir: metrics.json, confusion_matrix.png,
+            reliability.png, mistakes.csv, mistakes.png)
+
+`evaluate_folder` needs only an export (tlkit is not needed to train it again);
+`evaluate_arrays` serves the trainer, which has the validation images in memory. Both end in
+the same code, so the numbers and files are the same whichever way they were made.
+"""
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+from matplotlib.figure import Figure
+
+from tlkit.config import _check_number
+from tlkit.data import scan_folder
+from tlkit.errors import ConfigError, DataError
+from tlkit.images import load_image
+from tlkit.predict import Classifier, load
+from tlkit.training import predict_probabilities
+
+CALIBRATION_BINS = 15
+"""Equal-width confidence bins of the expected calibration error and reliability diagram."""
+
+THUMBNAIL_SIZE = 96
+"""Side in pixels of the thumbnails in `mistakes.png`."""
+
+OUTPUT_FILES = ("metrics.json", "confusion_matrix.png", "reliability.png", "mistakes.csv",
+                "mistakes.png")
+"""What `output_dir` receives (`mistakes.png` only when there is a mistake)."""
+
+
+# --- Metrics ------------------------------------------------------------------------------------
+
+
+def compute_metrics(y_true, probabilities, class_names, top_k=(1, 3, 5)):
+    """Classification metrics from true labels and predicted probabilities (numpy only).
+
+    The predicted class is the most probable one (the first on ties, like `np.argmax`).
+
+    - Precision of a class is its correct predictions over its predictions; a class that is
+      never predicted has precision 0. Recall is its correct predictions over its support
+      (0 for a class with no sample). F1 is their harmonic mean, 0 when both are 0.
+    - The macro average is the unweighted mean over the classes that occur among the true
+      labels or the predictions (scikit-learn's convention: a model class absent from the
+      data and never predicted does not dilute it); the weighted average weighs every class
+      by its support.
+    - The expected calibration error (ECE) sorts the samples into `CALIBRATION_BINS` equal-
+      width bins by their top-1 confidence (bin i holds confidences in (i/15, (i+1)/15]) and
+      sums, over bins, the share of samples in the bin times |accuracy - mean confidence|.
+
+    Args:
+        y_true: integer class index per sample, shape `(n,)`, `n >= 1`.
+        probabilities: class probabilities per sample, shape `(n, num_classes)`.
+        class_names: class name per column of `probabilities`.
+        top_k: an integer k or a sequence of them; top-k accuracy (the true class among the
+            k most probable) is reported for each k <= num_classes.
+
+    Returns:
+        A JSON-ready dict:
+        `num_samples`, `num_classes`, `class_names`, `accuracy`,
+        `top_k_accuracy` (`{"top_1": ..., "top_3": ...}`),
+        `per_class` (`{class: {"precision", "recall", "f1", "support"}}`),
+        `macro_avg` and `weighted_avg` (`{"precision", "recall", "f1", "support"}`),
+        `confusion_matrix` (list of rows; row = true class, column = predicted class),
+        `ece`, and `reliability` (`bin_edges` (16 values) and per bin `count`, `confidence`
+        (mean top-1 confidence) and `accuracy`, both None for an empty bin).
+
+    Raises:
+        ConfigError: if the shapes disagree, a label is out of range or `top_k` is not a
+            positive integer (or a sequence of them).
+
+    Example:
+
+    >>> m = compute_metrics([0, 1], [[0.9, 0.1], [0.6, 0.4]], ["cat", "dog"], top_k=1)
+    >>> m["accuracy"], m["per_class"]["dog"]["precision"]
+    (0.5, 0.0)
+    """
+    y_true, probabilities, ks = _check_metric_inputs(y_true, probabilities, class_names, top_k)
+    num_samples, num_classes = probabilities.shape
+    ranked = np.argsort(-probabilities, axis=1, kind="stable")
+    predicted = ranked[:, 0]
+    correct = predicted == y_true
+
+    confusion = np.bincount(y_true * num_classes + predicted,
+                            minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    hits = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    predicted_count = confusion.sum(axis=0)
+    precision = _ratio(hits, predicted_count)
+    recall = _ratio(hits, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    present = (support > 0) | (predicted_count > 0)
+    scores = {"precision": precision, "recall": recall, "f1": f1}
+
+    confidence = probabilities[np.arange(num_samples), predicted]
+    reliability, ece = _calibration(confidence, correct)
+    return {
+        "num_samples": int(num_samples),
+        "num_classes": int(num_classes),
+        "class_names": [str(c) for c in class_names],
+        "accuracy": float(correct.mean()),
+        "top_k_accuracy": {f"top_{k}": float((ranked[:, :k] == y_true[:, None]).any(axis=1).mean())
+                           for k in ks},
+        "per_class": {str(name): {**{key: float(values[i]) for key, values in scores.items()},
+                                  "support": int(support[i])}
+                      for i, name in enumerate(class_names)},
+        "macro_avg": {**{key: float(values[present].mean()) for key, values in scores.items()},
+                      "support": int(num_samples)},
+        "weighted_avg": {**{key: float(np.dot(values, support) / num_samples)
+                            for key, values in scores.items()},
+                         "support": int(num_samples)},
+        "confusion_matrix": confusion.tolist(),
+        "ece": ece,
+        "reliability": reliability,
+    }
+
+
+def _check_metric_inputs(y_true, probabilities, class_names, top_k):
+    probabilities = np.asarray(probabilities, np.float64)
+    y_true = np.asarray(y_true)
+    num_classes = len(class_names)
+    if probabilities.ndim != 2 or probabilities.shape[1] != num_classes:
+        raise ConfigError(
+            f"`probabilities` must have shape (n, {num_classes}): one column per class name. "
+            f"Received: probabilities.shape={probabilities.shape}"
+        )
+    if y_true.shape != (len(probabilities),) or not len(y_true):
+        raise ConfigError(
+            f"`y_true` must hold one label per row of `probabilities` ({len(probabilities)}), "
+            f"at least one. Received: y_true.shape={y_true.shape}"
+        )
+    if not np.issubdtype(y_true.dtype, np.integer) or y_true.min() < 0 \
+            or y_true.max() >= num_classes:
+        raise ConfigError(
+            f"`y_true` must hold integer class indices in [0, {num_classes - 1}]. Received: "
+            f"y_true with values {sorted(set(y_true.tolist()))[:10]}"
+        )
+    return y_true.astype(np.int64), probabilities, _top_ks(top_k, num_classes)
+
+
+def _top_ks(top_k, num_classes):
+    """The sorted distinct k <= num_classes of an int or a sequence of ints (all >= 1)."""
+    ks = list(top_k) if hasattr(top_k, "__iter__") and not isinstance(top_k, str) else [top_k]
+    for k in ks:
+        _check_number("top_k", k, 1, integer=True)
+    return sorted({int(k) for k in ks if k <= num_classes})
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator, 0 where the denominator is 0."""
+    denominator = np.asarray(denominator, np.float64)
+    return np.divide(numerator, denominator, out=np.zeros_like(denominator),
+                     where=denominator > 0)
+
+
+def _calibration(confidence, correct):
+    """Reliability-diagram data and the expected calibration error."""
+    edges = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
+    bins = np.searchsorted(edges[1:-1], confidence, side="left")
+    count = np.bincount(bins, minlength=CALIBRATION_BINS)
+    confidence_sum = np.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS)
+    correct_sum = np.bincount(bins, weights=correct, minlength=CALIBRATION_BINS)
+    mean_confidence = _ratio(confidence_sum, count)
+    accuracy = _ratio(correct_sum, count)
+    ece = float(np.sum(count * np.abs(accuracy - mean_confidence)) / len(confidence))
+
+    def per_bin(values):
+        return [float(v) if n else None for v, n in zip(values, count)]
+
+    reliability = {"bin_edges": edges.tolist(), "count": count.tolist(),
+                   "confidence": per_bin(mean_confidence), "accuracy": per_bin(accuracy)}
+    return reliability, ece
+
+
+# --- Reports ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """One wrongly classified sample."""
+
+    index: int  # position among the evaluated samples
+    source: str  # file path, or "array[i]" for in-memory images
+    true: str  # true class name
+    predicted: str  # predicted (top-1) class name
+    confidence: float  # probability of the predicted class
+
+    def to_dict(self):
+        """JSON-ready form: file, true, predicted, confidence."""
+        return {"file": self.source, "true": self.true, "predicted": self.predicted,
+                "confidence": round(self.confidence, 6)}
+
+
+@dataclass
+class EvaluationReport:
+    """Metrics of a classifier on labelled images, its mistakes and the files it skipped."""
+
+    metrics: dict  # see `compute_metrics`
+    mistakes: list  # `Mistake`s, the most confident first
+    skipped: list = field(default_factory=list)  # (path, reason) of files that could not be read
+    model: str | None = None  # the evaluated export, when there is one
+    data: str | None = None  # the evaluated folder, when there is one
+
+    def to_dict(self):
+        """JSON-ready form (what `metrics.json` holds)."""
+        return {"model": self.model, "data": self.data, "metrics": self.metrics,
+                "mistakes": [m.to_dict() for m in self.mistakes],
+                "skipped": [{"file": p, "reason": r} for p, r in self.skipped]}
+
+    def to_text(self):
+        """A plain-text report: accuracy, top-k, calibration error, the per-class table with
+        macro and weighted averages, the confusion matrix and the skipped files."""
+        m = self.metrics
+        lines = [f"Model {self.model or '-'} on {self.data or '-'}"] if self.model or self.data \
+            else []
+        lines.append(f"{m['num_samples']} images, {len(self.mistakes)} mistakes, "
+                     f"{len(self.skipped)} skipped")
+        lines.append(f"accuracy        {m['accuracy']:.4f}")
+        lines += [f"{key.replace('_', '-')} accuracy  {value:.4f}"
+                  for key, value in m["top_k_accuracy"].items()]
+        lines.append(f"ECE ({CALIBRATION_BINS} bins)   {m['ece']:.4f}")
+        lines += ["", *_score_table(m), "",
+                  "confusion matrix (rows: true class, columns: predicted class)",
+                  *_confusion_table(m["class_names"], m["confusion_matrix"])]
+        if self.skipped:
+            lines += ["", f"Skipped {len(self.skipped)} file(s) that could not be read:"]
+            lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _score_table(metrics):
+    """Lines of precision, recall, F1 and support per class, then the averages."""
+    rows = list(metrics["per_class"].items())
+    width = max(len("weighted avg"), *(len(name) for name, _ in rows))
+    header = f"{'class':<{width}}  precision  recall      f1  support"
+
+    def line(name, v):
+        return (f"{name:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  {v['f1']:6.4f}"
+                f"  {v['support']:7d}")
+
+    return [header, *(line(n, v) for n, v in rows), "-" * len(header),
+            line("macro avg", metrics["macro_avg"]),
+            line("weighted avg", metrics["weighted_avg"])]
+
+
+def _confusion_table(names, confusion):
+    """Lines of the confusion matrix with class names on both axes."""
+    digits = max(len(str(v)) for row in confusion for v in row)
+    widths = [max(digits, len(n)) for n in names]
+    first = max(len(n) for n in names)
+
+    def line(label, cells):
+        return f"{label:<{first}}" + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths))
+
+    return [line("", names), *(line(n, row) for n, row in zip(names, confusion))]
+
+
+def _find_mistakes(y_true, probabilities, class_names, sources):
+    """The wrong predictions, the most confident first (ties: in sample order)."""
+    predicted = np.argmax(probabilities, axis=1)
+    confidence = probabilities[np.arange(len(predicted)), predicted]
+    wrong = np.flatnonzero(predicted != y_true)
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    return [Mistake(int(i), str(sources[i]), str(class_names[y_true[i]]),
+                    str(class_names[predicted[i]]), float(confidence[i])) for i in order]
+
+
+# --- Evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, batch_size=64,
+                    output_dir=None, worst=16):
+    """Evaluates an export on a labelled folder (one subfolder per class).
+
+    Only the export is needed: its class names, image size and resize policy come from its
+    metadata, and every file is decoded with the training image contract.
+
+    Args:
+        data_dir: folder with one subfolder per class; the classes must be a subset of the
+            model's (a model class may have no folder).
+        model: an export version folder, a model folder (its highest version) or None for
+            the newest export under `export_dir` (see `tlkit.predict.load`).
+        export_dir: where to look when `model` is None.
+        top_k: k (or a sequence of k) for top-k accuracy, besides top-1 accuracy.
+        batch_size: images per forward pass.
+        output_dir: if given, a folder (created if missing) that receives `OUTPUT_FILES`:
+            `metrics.json` (`EvaluationReport.to_dict()`), `confusion_matrix.png`,
+            `reliability.png`, `mistakes.csv` (file, true, predicted, confidence; the most
+            confident mistakes first; only the header when there is none) and `mistakes.png`
+            (thumbnails of the `worst` most confident mistakes; not written, and an old one
+            removed, when there is none).
+        worst: most thumbnails in `mistakes.png`.
+
+    Returns:
+        An `EvaluationReport`; files that cannot be decoded are left out of the metrics and
+        listed in `skipped`.
+
+    Raises:
+        DataError: if the folder is missing, has a class folder the model does not know
+            (the message names it), or no image in it can be read.
+        ExportError: if `model` is not a tlkit export.
+        ConfigError: for a bad `top_k`, `batch_size`, `worst` or `output_dir`.
+
+    Example:
+
+    >>> report = evaluate_folder("data/test", "saved_models/digits/1", output_dir="eval")
+    >>> print(report.to_text())
+    """
+    _check_evaluation_options(top_k, batch_size, worst)
+    classifier = load(model, export_dir)
+    class_names = classifier.class_names
+    scan = scan_folder(data_dir, class_names=class_names)
+    predictions = classifier.predict(list(scan.files), top_k=len(class_names),
+                                     batch_size=batch_size)
+    index = {name: i for i, name in enumerate(class_names)}
+    read = [i for i, p in enumerate(predictions) if p.error is None]
+    skipped = [(p.source, p.error) for p in predictions if p.error is not None]
+    if not read:
+        raise DataError(f"No image in {str(data_dir)!r} could be read; nothing to evaluate "
+                        f"({len(skipped)} file(s) skipped).")
+    probabilities = np.zeros((len(read), len(class_names)))
+    for row, i in enumerate(read):
+        for label, probability in zip(predictions[i].labels, predictions[i].probabilities):
+            probabilities[row, index[label]] = probability
+    files = [scan.files[i] for i in read]
+    return _report(np.asarray(scan.labels)[read], probabilities, class_names, files,
+                   lambda i: load_image(files[i], THUMBNAIL_SIZE, classifier.resize),
+                   top_k=top_k, output_dir=output_dir, worst=worst, skipped=skipped,
+                   model=str(classifier.path), data=str(data_dir))
+
+
+def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
+                    output_dir=None, worst=16, sources=None):
+    """Evaluates a classifier on images already in memory (for example a validation split).
+
+    Args:
+        model: a `tlkit.predict.Classifier` (a loaded export) or a Keras classifier that maps
+            float32 images 0..255 to probabilities (`tlkit.models.build_classifier`).
+        images: uint8 (or 0..255 float) array `(n, size, size, 3)` at the model's input size.
+        labels: integer class index per image.
+        class_names: class name per model output.
+        top_k, batch_size, output_dir, worst: as in `evaluate_folder`.
+        sources: a name per image for the mistake list (for example its file path);
+            `None` names them `array[i]`.
+
+    Returns:
+        An `EvaluationReport` (with `skipped` empty).
+
+    Raises:
+        ConfigError: if the images, labels, class names or sources do not fit the model or
+            each other, or an option is out of range.
+
+    Example:
+
+    >>> val = data.splits["val"]
+    >>> report = evaluate_arrays(model, val.images, val.labels, data.class_names,
+    ...                          sources=val.files, output_dir=run_dir / "evaluation")
+    """
+    _check_evaluation_options(top_k, batch_size, worst)
+    images = np.asarray(images)
+    size, outputs = _input_size(model), _output_count(model)
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or not len(images):
+        raise ConfigError(
+            f"`images` must be an array of shape (n, {size}, {size}, 3), n >= 1, for this "
+            f"model. Received: images.shape={images.shape}"
+        )
+    if len(class_names) != outputs:
+        raise ConfigError(f"`class_names` must name each of the model's {outputs} outputs. "
+                          f"Received: {len(class_names)} names")
+    if sources is None:
+        sources = [f"array[{i}]" for i in range(len(images))]
+    for name, values in (("labels", labels), ("sources", sources)):
+        if len(values) != len(images):
+            raise ConfigError(f"`{name}` must have one entry per image ({len(images)}). "
+                              f"Received: {len(values)} {name}")
+    if isinstance(model, Classifier):
+        probabilities = model.predict_arrays(images, batch_size)
+    else:
+        probabilities = predict_probabilities(model, images, batch_size)
+    return _report(labels, probabilities, class_names, list(sources), lambda i: images[i],
+                   top_k=top_k, output_dir=output_dir, worst=worst, skipped=[],
+                   model=str(model.path) if isinstance(model, Classifier) else None)
+
+
+def _check_evaluation_options(top_k, batch_size, worst):
+    _top_ks(top_k, math.inf)
+    _check_number("batch_size", batch_size, 1, integer=True)
+    _check_number("worst", worst, 1, integer=True)
+
+
+def _input_size(model):
+    """The image side a Classifier or Keras model expects."""
+    if isinstance(model, Classifier):
+        return model.image_size
+    if isinstance(model, keras.Model) and len(model.input_shape) == 4:
+        return model.input_shape[1]
+    raise ConfigError(
+        "`model` must be a tlkit Classifier (tlkit.load) or a Keras image classifier with "
+        f"input (None, size, size, 3). Received: model={model!r}"
+    )
+
+
+def _output_count(model):
+    """The number of classes a Classifier or Keras model predicts."""
+    return len(model.class_names) if isinstance(model, Classifier) else model.output_shape[-1]
+
+
+def _report(y_true, probabilities, class_names, sources, thumbnail, *, top_k, output_dir,
+            worst, skipped, model=None, data=None):
+    """Metrics, mistakes and (with `output_dir`) the output files: shared by both entries."""
+    metrics = compute_metrics(y_true, probabilities, class_names, top_k)
+    mistakes = _find_mistakes(np.asarray(y_true, np.int64), np.asarray(probabilities),
+                              class_names, sources)
+    report = EvaluationReport(metrics, mistakes, skipped, model, data)
+    if output_dir is not None:
+        _write_outputs(report, Path(output_dir), thumbnail, worst)
+    return report
+
+
+# --- Output files -------------------------------------------------------------------------------
+
+
+def _write_outputs(report, folder, thumbnail, worst):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"`output_dir` must be a folder that can be written. Received: "
+                          f"output_dir={str(folder)!r} ({e.strerror})") from None
+    (folder / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    metrics = report.metrics
+    _plot_confusion(metrics["confusion_matrix"], metrics["class_names"],
+                    folder / "confusion_matrix.png")
+    _plot_reliability(metrics["reliability"], metrics["ece"], folder / "reliability.png")
+    with open(folder / "mistakes.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "true", "predicted", "confidence"])
+        writer.writeheader()
+        writer.writerows(m.to_dict() for m in report.mistakes)
+    (folder / "mistakes.png").unlink(missing_ok=True)
+    if report.mistakes:
+        _plot_mistakes(report.mistakes[:worst], thumbnail, len(report.mistakes),
+                       folder / "mistakes.png")
+
+
+def _save(figure, path):
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _plot_confusion(confusion, class_names, path):
+    """Confusion matrix heat map with the count in every cell."""
+    confusion = np.asarray(confusion)
+    count = len(class_names)
+    side = min(max(5.0, 0.5 * count + 2.5), 24.0)
+    figure = Figure(figsize=(side, side), dpi=100)
+    axis = figure.subplots()
+    image = axis.imshow(confusion, cmap="Blues", vmin=0)
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    ticks = np.arange(count)
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class")
+    threshold = confusion.max() / 2
+    fontsize = max(4.0, min(10.0, 160.0 / count))
+    for (row, column), value in np.ndenumerate(confusion):
+        axis.text(column, row, str(value), ha="center", va="center", fontsize=fontsize,
+                  color="white" if value > threshold else "black")
+    axis.set_title(f"Confusion matrix ({confusion.sum()} images)")
+    _save(figure, path)
+
+
+def _plot_reliability(reliability, ece, path):
+    """Reliability diagram: accuracy per confidence bin against the diagonal, counts below."""
+    edges = np.asarray(reliability["bin_edges"])
+    width = edges[1] - edges[0]
+    left = edges[:-1]
+    filled = [i for i, n in enumerate(reliability["count"]) if n]
+    figure = Figure(figsize=(6, 7), dpi=100)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    top.bar(left[filled], [reliability["accuracy"][i] for i in filled], width=width,
+            align="edge", edgecolor="black", alpha=0.8, label="accuracy")
+    top.plot([reliability["confidence"][i] for i in filled],
+             [reliability["accuracy"][i] for i in filled], "o", color="crimson", ms=4,
+             label="(mean confidence, accuracy)")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"Reliability diagram (ECE = {ece:.4f}, {len(left)} bins)")
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.bar(left, reliability["count"], width=width, align="edge", edgecolor="black",
+               color="grey")
+    bottom.set_xlabel("top-1 confidence")
+    bottom.set_ylabel("images")
+    _save(figure, path)
+
+
+def _plot_mistakes(mistakes, thumbnail, total, path):
+    """Thumbnails of the given mistakes, each titled "true -> predicted (confidence)"."""
+    columns = min(len(mistakes), 4)
+    rows = math.ceil(len(mistakes) / columns)
+    figure = Figure(figsize=(max(2.5 * columns, 4.0), 2.7 * rows + 0.4), dpi=100)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis in axes:
+        axis.axis("off")
+    for axis, mistake in zip(axes, mistakes):
+        axis.imshow(np.asarray(thumbnail(mistake.index), np.uint8))
+        axis.set_title(f"{mistake.true} -> {mistake.predicted} ({mistake.confidence:.2f})",
+                       fontsize=9)
+    figure.suptitle(f"Most confident mistakes ({len(mistakes)} of {total})")
+    _save(figure, path)
