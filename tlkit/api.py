@@ -135,7 +135,8 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                                    patience=config.train.patience,
                                    freeze_batchnorm=pretrained and not config.model.train_bn,
                                    sample_weights=weights, verbose=verbose,
-                                   checkpoint_dir=run_dir, resume=state)
+                                   checkpoint_dir=run_dir, resume=state,
+                                   epoch_callback=_tensorboard(config, run_dir))
         except KeyboardInterrupt:
             raise Interrupted(
                 "Training interrupted; every completed epoch is saved in "
@@ -168,6 +169,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                       "data": {n: len(s) for n, s in data.splits.items()},
                       "run_dir": str(run_dir), "config": config.to_dict()},
             verify_images=data.splits["val"].images[:8],
+            model_card=_model_card(config, data, schedule, evaluation),
         )
         _write_json(run_dir / "result.json", {"export_path": str(export_path),
                                               "metrics": metrics, "schedule": schedule})
@@ -227,6 +229,86 @@ def _schedule(config, group_names, pretrained):
         return parse_stages(train.stages, group_names)
     return plan_stages(group_names, pretrained, train.epochs, train.learning_rate,
                        unfreeze=train.unfreeze, fine_tune_epochs=train.fine_tune_epochs)
+
+
+def _tensorboard(config, run_dir):
+    """An epoch callback writing TensorBoard scalars, or None when not asked for."""
+    if not config.train.tensorboard:
+        return None
+    import tensorflow as tf
+
+    try:
+        import tensorboard  # noqa: F401  (tf.summary needs it)
+    except ImportError:
+        raise ConfigError("`tensorboard=True` needs the tensorboard package: pip install "
+                          "tensorboard (or tlkit[tensorboard]).") from None
+
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+
+    def write(logs):
+        with writer.as_default(step=logs["step"]):
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+                tf.summary.scalar(key, logs[key])
+            tf.summary.scalar("stage", logs["stage_index"])
+        writer.flush()
+
+    return write
+
+
+def _model_card(config, data, schedule, evaluation):
+    """A short markdown model card: data, schedule, metrics, limitations."""
+    lines = [
+        f"# Model card: {config.export.name}",
+        "",
+        f"Image classifier trained by tlkit: backbone `{config.model.backbone}` (weights "
+        f"`{config.model.weights}`{', continued from ' + config.model.init_from if config.model.init_from else ''}), "
+        f"input {config.data.image_size}x{config.data.image_size} RGB, resize policy "
+        f"`{config.data.resize}`, {data.num_classes} classes.",
+        "",
+        "## Data",
+        "",
+        f"Folder `{config.data.data_dir}`, split with seed {config.seed} "
+        f"(val {config.data.val_split}, test {config.data.test_split}"
+        f"{', validation folder ' + config.data.val_dir if config.data.val_dir else ''}); "
+        f"{len(data.skipped)} file(s) skipped as unreadable.",
+        "",
+        "| class | " + " | ".join(data.splits) + " |",
+        "| --- | " + " | ".join("---" for _ in data.splits) + " |",
+    ]
+    counts = {name: split.class_counts(data.num_classes) for name, split in data.splits.items()}
+    for index, name in enumerate(data.class_names):
+        lines.append(f"| {name} | " + " | ".join(str(int(counts[s][index])) for s in data.splits)
+                     + " |")
+    lines += ["", "## Training", "", "| stage | learning rate | epochs | best epoch | best "
+              "val_loss | best val_accuracy | rolled back |", "| --- | --- | --- | --- | --- | "
+              "--- | --- |"]
+    for stage in schedule:
+        best = stage["best"]
+        lines.append(f"| {stage['stage']} | {stage['learning_rate']:g} | {stage['epochs']} | "
+                     f"{stage['best_epoch']} | {best.get('val_loss', float('nan')):.4f} | "
+                     f"{best.get('val_accuracy', float('nan')):.4f} | {stage['rolled_back']} |")
+    lines += ["", "## Metrics", "", "| split | images | accuracy | macro F1 | ECE |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, summary in evaluation.items():
+        lines.append(f"| {name} | {summary['images']} | {summary['accuracy']:.4f} | "
+                     f"{summary['macro_f1']:.4f} | {summary['ece']:.4f} |")
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "- It only knows the classes above: every image gets one of them, however unlike the "
+        "training data it is. Check the probabilities before trusting a prediction.",
+        "- The validation split chose the training epochs, so its metrics are optimistic; the "
+        "test split (if any) was never used for a decision."
+        if "test" in data.splits else "- The validation split chose the training epochs, so "
+        "its metrics are optimistic: evaluate on held-out data (`tlkit evaluate`).",
+        f"- Images are resized to {config.data.image_size} px (`{config.data.resize}`); "
+        "detail smaller than that is lost.",
+        "- The serving graph decodes JPEG, PNG, GIF, BMP and WebP; send other formats "
+        "decoded to `predict_images`. Images over 89,478,485 pixels are refused.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _evaluation_summary(report):

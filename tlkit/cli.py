@@ -82,6 +82,8 @@ def main():
 @click.option("--train-bn/--freeze-bn", "train_bn", default=None,
               help="Let BatchNorm layers in unfrozen groups train [default: frozen, in "
               "inference mode].")
+@click.option("--tensorboard", is_flag=True, default=None,
+              help="Write TensorBoard logs to the run folder's tensorboard/.")
 @click.option("--class-weight", type=click.Choice(["none", "auto"]),
               help="auto: weight the loss by inverse class frequency [default: none].")
 @click.option("--patience", type=int, help="Epochs without a better val_loss before "

@@ -137,6 +137,7 @@ class TrainConfig:
     fine_tune_epochs: int | None = None  # most epochs per unfreezing stage; None: `epochs`
     stages: str | None = None  # explicit schedule "head:5@1e-3,block5:3@1e-4"; overrides above
     class_weight: str = "none"  # "auto": weight the loss by inverse class frequency
+    tensorboard: bool = False  # write TensorBoard logs to <run folder>/tensorboard
     verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
 
     def __post_init__(self):
@@ -152,6 +153,7 @@ class TrainConfig:
 
             parse_stages(self.stages)
         _check_choice("class_weight", self.class_weight, ("none", "auto"))
+        _check_choice("tensorboard", self.tensorboard, (True, False))
         _check_choice("verbose", self.verbose, (0, 1, 2))
 
 

@@ -2,7 +2,7 @@
 
     DATA_DIR  --scan_folder-->  image files (and the entries the scan ignores)
         --check every file (threads): SHA-1 of its bytes, `decode_file` (the one decode fit
-          does), Pillow's header facts (no pixels), a 64-bit hash of a 9x8 thumbnail-->
+          does), Pillow's header facts (no pixels), a 64-bit pHash of a 32x32 thumbnail-->
         --split_indices, with exactly the inputs fit gives it-->  where fit puts each file
         --digests and perceptual hashes-->  duplicates, near-duplicates, split leaks
         -->  DoctorReport: findings by severity, class counts, a text table or JSON
@@ -12,10 +12,12 @@ is worth a look) or `"info"` (fit converts it automatically). `quarantine` moves
 with errors out of the data folder.
 """
 
+import errno
 import hashlib
 import os
 import shutil
 import stat
+from bisect import bisect_left
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -61,10 +63,10 @@ near-duplicates."""
 IMBALANCE_RATIO = 3.0
 """The largest class may have up to this many times the usable images of the smallest."""
 
-_SEVERITY_TITLES = {
-    "error": "`tlkit fit` skips these files",
-    "warning": "used for training, worth a look",
-    "info": "converted automatically",
+_HEADINGS = {
+    "error": "Errors ({}): `tlkit fit` skips these files",
+    "warning": "Warnings ({}): used for training, worth a look",
+    "info": "Info ({}): converted automatically",
 }
 _PAGED_FORMATS = ("TIFF", "MPO")  # several frames are pages (or views), not an animation
 _SAME_FORMAT = {"MPO": "JPEG"}  # a camera's multi-picture JPEG is rightly named .jpg
@@ -78,6 +80,10 @@ _ORIENTATIONS = {
     8: "rotated 90 degrees counter-clockwise",
 }
 _READ_CHUNK = 1 << 20
+_MAX_RELATED = 10  # files named in `related` of one near-duplicate finding
+_DCT_SIZE = 32
+_DCT = np.cos(np.pi * np.outer(np.arange(_DCT_SIZE), 2 * np.arange(_DCT_SIZE) + 1)
+              / (2 * _DCT_SIZE))  # DCT-II basis (unscaled: only signs against the median count)
 
 
 @dataclass(frozen=True)
@@ -157,13 +163,13 @@ class DoctorReport:
         for severity in SEVERITIES:
             chosen = [f for f in self.findings if f.severity == severity]
             if chosen:
-                lines += ["", f"{len(chosen)} {severity}(s): {_SEVERITY_TITLES[severity]}"]
+                lines += ["", _HEADINGS[severity].format(len(chosen))]
                 lines += [f"  {f.path}: [{f.code}] {f.message}" for f in chosen]
         if not self.findings:
             lines += ["", "No problems found."]
         if self.ignored:
-            lines += ["", f"{len(self.ignored)} ignored entr(ies): hidden, not an image file "
-                      "or not followed"]
+            lines += ["", f"Ignored ({len(self.ignored)}): hidden, not an image file or not "
+                      "followed"]
             lines += [f"  {path}: {reason}" for path, reason in self.ignored]
         return "\n".join(lines)
 
@@ -193,7 +199,8 @@ def diagnose(data_dir, val_split=0.2, test_split=0.0, seed=42, workers=0,
     with `tlkit.images.decode_file` (so the errors are exactly the files fit skips; a
     decompression bomb is refused from its header and never decoded). Pillow's header
     tells what fit converts (animation, pages, colour mode, EXIF orientation). A 64-bit
-    difference hash of a 9x8 thumbnail finds near-duplicates, and the split is the one
+    perceptual hash (pHash) of a 32x32 thumbnail finds near-duplicates (at most
+    `NEAR_DUPLICATE_BITS` bits apart), and the split is the one
     fit makes with the same `val_split`, `test_split` and `seed`, so near-duplicates on
     both sides of it (leakage that inflates validation and test scores) are named.
 
@@ -300,7 +307,7 @@ def quarantine(report, dest_dir):
         try:
             _move(path, target)
         except BaseException:
-            target.unlink()
+            target.unlink(missing_ok=True)  # the placeholder, or a partial copy
             raise
         moved.append((path, str(target)))
     return moved
@@ -319,15 +326,14 @@ def _reserve_free_name(target):
 
 
 def _move(source, target):
-    """Renames `source` over its own placeholder `target`; copies across file systems."""
+    """Renames `source` over its own placeholder `target`, or copies it across file systems."""
     try:
         os.replace(source, target)
     except OSError as e:
-        if e.errno != getattr(os, "EXDEV", 18) and e.errno != 18:
+        if e.errno != errno.EXDEV:
             raise
         target.unlink()
         shutil.move(source, target)
-        os.close(os.open(target, os.O_RDONLY))  # the placeholder is unlinked by the caller
 
 
 # Per-file checks (run in worker threads) -------------------------------------------------
@@ -339,7 +345,7 @@ class _FileCheck:
 
     usable: bool = False  # decoded: fit trains on it
     digest: str | None = None  # SHA-1 of the file's bytes, as fit computes it
-    dhash: int | None = None  # 64-bit perceptual hash of a usable file
+    phash: int | None = None  # 64-bit perceptual hash of a usable file
     notes: list = field(default_factory=list)  # (code, message) of the file's findings
 
 
@@ -373,13 +379,14 @@ def _check_file(path, max_pixels, min_size, hashing, extensions):
         pixels = image_ops.decode_file(path, max_pixels)
     except ImageError as e:
         code = "empty" if size == 0 else _refusal(path, max_pixels)
-        return _FileCheck(digest=digest, notes=[(code, e.reason + _text_hint(code, head))])
+        hint = _text_hint(head) if code == "not_image" else ""
+        return _FileCheck(digest=digest, notes=[(code, e.reason + hint)])
     notes = _header_notes(path, extensions)
     height, width = pixels.shape[:2]
     if min(height, width) < min_size:
         notes.append(("tiny", f"{width}x{height} pixels, a side under min_size={min_size}: "
                               "little detail once resized to the model input"))
-    return _FileCheck(True, digest, _dhash(pixels) if hashing else None, notes)
+    return _FileCheck(True, digest, _phash(pixels) if hashing else None, notes)
 
 
 def _read(path):
@@ -406,46 +413,43 @@ def _refusal(path, max_pixels):
         return "truncated"
 
 
-def _text_hint(code, head):
-    if code != "not_image":
-        return ""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return ""
-    if not text.strip() or not text.isprintable() and not text.replace("\n", "").replace(
-            "\r", "").replace("\t", "").isprintable():
-        return ""
-    return f"; it holds text (starts {text.strip()[:24]!r})"
+def _text_hint(head):
+    """`; it holds text (starts '<html>')` when a file's first bytes are readable text."""
+    text = head.decode("utf-8", "ignore")
+    readable = len(text.encode()) >= len(head) - 3 and text.strip() and all(
+        c.isprintable() or c in "\t\r\n" for c in text)
+    return f"; it holds text (starts {text.strip()[:24]!r})" if readable else ""
 
 
 def _header_notes(path, extensions):
     """Findings from Pillow's header of a file that decoded: format, frames, mode, EXIF."""
     try:
         with Image.open(path) as image:
-            notes = []
-            expected = extensions.get(Path(path).suffix.lower())
-            if expected and _SAME_FORMAT.get(image.format, image.format) != expected:
-                notes.append(("wrong_extension",
-                              f"a {image.format} file named {Path(path).suffix!r} (the "
-                              f"extension of {expected}); fit reads it by its content"))
-            frames = _frame_count(image)
-            if frames > 1:
-                paged = image.format in _PAGED_FORMATS
-                kind = ("multi_page", "pages") if paged else ("animated", "frames")
-                notes.append((kind[0], f"{image.format} with {frames} {kind[1]}: fit uses "
-                                       "the first"))
-            mode_note = _mode_note(image, path)
-            if mode_note:
-                notes.append(("converted_mode", mode_note))
-            orientation = _orientation(image)
-            if orientation in _ORIENTATIONS:
-                notes.append(("exif_rotated", f"EXIF orientation {orientation}: fit shows "
-                                              f"the image {_ORIENTATIONS[orientation]}, as "
-                                              "the camera meant"))
-            return notes
+            return _notes_from_header(image, path, extensions)
     except (OSError, SyntaxError, ValueError, EOFError):
         return []  # changed since it decoded a moment ago: nothing more to say
+
+
+def _notes_from_header(image, path, extensions):
+    notes = []
+    suffix = Path(path).suffix
+    expected = extensions.get(suffix.lower())
+    if expected and _SAME_FORMAT.get(image.format, image.format) != expected:
+        notes.append(("wrong_extension", f"a {image.format} file named {suffix!r} (the "
+                                         f"extension of {expected}); fit reads it by content"))
+    frames = _frame_count(image)
+    if frames > 1:
+        code, unit = ("multi_page", "pages") if image.format in _PAGED_FORMATS else (
+            "animated", "frames")
+        notes.append((code, f"{image.format} with {frames} {unit}: fit uses the first"))
+    mode_note = _mode_note(image, path)
+    if mode_note:
+        notes.append(("converted_mode", mode_note))
+    orientation = _orientation(image)
+    if orientation in _ORIENTATIONS:
+        notes.append(("exif_rotated", f"EXIF orientation {orientation}: fit shows the image "
+                                      f"{_ORIENTATIONS[orientation]}, as the camera meant"))
+    return notes
 
 
 def _frame_count(image):
@@ -477,15 +481,17 @@ def _orientation(image):
     return image.getexif().get(image_ops._ORIENTATION_TAG, 1)
 
 
-def _dhash(pixels):
-    """64-bit difference hash: is each cell of a 9x8 gray thumbnail brighter than the next.
+def _phash(pixels):
+    """64-bit perceptual hash (pHash) of an RGB array.
 
-    Survives re-encoding, small noise, brightness changes and resizing; the thumbnail is
-    the only copy made, so no full-size image outlives the call.
+    The 8x8 lowest frequencies of the DCT of a 32x32 gray thumbnail, each above or below
+    their median: it survives re-encoding, noise, brightness changes and resizing. The
+    thumbnail is the only copy made, so no full-size image outlives the caller.
     """
-    thumb = Image.fromarray(pixels).resize((9, 8), Image.Resampling.BOX).convert("L")
-    cells = np.asarray(thumb, np.int16)
-    return int(np.packbits(cells[:, :-1] > cells[:, 1:]).view(">u8")[0])
+    thumb = Image.fromarray(pixels).resize((_DCT_SIZE, _DCT_SIZE), Image.Resampling.BOX)
+    gray = np.asarray(thumb.convert("L"), np.float64)
+    low = (_DCT @ gray @ _DCT.T)[:8, :8]
+    return int(np.packbits(low > np.median(low)).view(">u8")[0])
 
 
 # The folder as a whole -------------------------------------------------------------------
@@ -523,44 +529,61 @@ def _duplicate_findings(scan, usable, checks):
 def _near_duplicate_findings(scan, originals, checks, split_of):
     """Near-duplicates among the originals: across fit's split (leaks) or within a split.
 
-    Files are grouped by equal hash first, so a thousand blank images cost one group, not a
-    million pairs. A leak is reported on the file in the later split (val after train, test
-    after both), naming its nearest twin in an earlier split; a near-duplicate within a
-    split is reported on the later file, naming its nearest earlier twin.
+    Files are grouped by equal hash first, so a thousand blank images make one group, not
+    half a million pairs. A leak is reported on the file in the later split (val after
+    train, test after both), naming its twins in earlier splits; a near-duplicate within
+    a split is reported on the later file, naming its earlier twins. Nearest twins first.
     """
     if not originals:
         return []
-    unique, group_of = np.unique([checks[i].dhash for i in originals], return_inverse=True)
+    hashes = np.array([checks[i].phash for i in originals], np.uint64)
+    unique, group_of = np.unique(hashes, return_inverse=True)
+    group_of = group_of.tolist()
     neighbours = {g: [(0, g)] for g in range(len(unique))}
     for a, b, bits in _near_pairs(unique, NEAR_DUPLICATE_BITS):
         neighbours[a].append((bits, b))
         neighbours[b].append((bits, a))
-    first = {}  # (hash group, split) -> first original there, in scan order
+    members = {}  # (hash group, split) -> originals there, in scan order
     for index, group in zip(originals, group_of):
-        first.setdefault((group, split_of[index]), index)
+        members.setdefault((group, split_of[index]), []).append(index)
     findings = []
     for index, group in zip(originals, group_of):
         split = split_of[index]
-        earlier = SPLITS[:SPLITS.index(split)]
-        leaks = sorted((bits, first[other, s], s) for bits, other in neighbours[group]
-                       for s in earlier if (other, s) in first)
+        leaks = [(bits, s, members[other, s]) for bits, other in neighbours[group]
+                 for s in SPLITS[:SPLITS.index(split)] if (other, s) in members]
         if leaks:
-            bits, twin, twin_split = leaks[0]
-            more = f" ({len(leaks) - 1} more in related)" if len(leaks) > 1 else ""
+            total, twins = _nearest(leaks)
+            bits, twin, twin_split = twins[0]
             findings.append(_finding(scan.files[index], "split_leak", (
                 f"fit puts this file in {split!r} and its near-duplicate {scan.files[twin]} "
                 f"in {twin_split!r} ({_likeness(bits)}{_classes(scan, index, twin)}): "
                 f"{split!r} is not independent of {twin_split!r}, so its scores come out "
-                f"too high. Remove one, or keep both in one split{more}."),
-                [scan.files[t] for _, t, _ in leaks]))
-        same = sorted((bits, first[other, split]) for bits, other in neighbours[group]
-                      if first.get((other, split), index) < index)
-        if same:
-            bits, twin = same[0]
+                f"too high. Remove one of them{_more(total)}."),
+                [scan.files[t] for _, t, _ in twins]))
+        earlier = [(bits, split, members[other, split][:bisect_left(members[other, split],
+                                                                     index)])
+                   for bits, other in neighbours[group] if (other, split) in members]
+        total, twins = _nearest(earlier)
+        if total:
+            bits, twin, _ = twins[0]
             findings.append(_finding(scan.files[index], "near_duplicate", (
                 f"a near-duplicate of {scan.files[twin]} ({_likeness(bits)}"
-                f"{_classes(scan, index, twin)}), both in {split!r}"), [scan.files[twin]]))
+                f"{_classes(scan, index, twin)}), both in {split!r}{_more(total)}"),
+                [scan.files[t] for _, t, _ in twins]))
     return findings
+
+
+def _nearest(entries):
+    """Of `[(bits, split, file indices)]`: the number of files, and the nearest few as
+    `(bits, index, split)` (at most `_MAX_RELATED`, so blank images cannot explode it)."""
+    total = sum(len(indices) for _, _, indices in entries)
+    nearest = sorted((bits, index, split) for bits, split, indices in entries
+                     for index in indices[:_MAX_RELATED])
+    return total, nearest[:_MAX_RELATED]
+
+
+def _more(total):
+    return f" ({total - 1} more near-duplicate(s); see related)" if total > 1 else ""
 
 
 def _likeness(bits):

@@ -38,12 +38,13 @@ from tlkit.images import DEFAULT_MAX_PIXELS, decode_bytes, resize_image
 
 METADATA_FILE = "tlkit.json"
 LABELS_FILE = "labels.txt"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 FORMAT_VERSION = 1
 VERIFY_TOLERANCE = 1e-5
 
 
 def export_classifier(model, class_names, export_dir, name, *, image_size, resize,
-                      version=None, metadata=None, verify_images=None):
+                      version=None, metadata=None, verify_images=None, model_card=None):
     """Writes `model` as `<export_dir>/<name>/<version>/`, atomically, and returns that path.
 
     Args:
@@ -58,6 +59,7 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         metadata: extra JSON-ready metadata (backbone, metrics, ...) for `tlkit.json`.
         verify_images: a few uint8 images `(n, size, size, 3)` used to check the written
             export against `model`; `None` checks with one mid-grey image.
+        model_card: markdown text written as `assets/MODEL_CARD.md`.
 
     Returns:
         The `pathlib.Path` of the new version folder.
@@ -85,6 +87,8 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
     try:
         _write(model, class_names, staging, image_size, resize,
                {**(metadata or {}), "name": name, "version": version})
+        if model_card:
+            (staging / "assets" / MODEL_CARD_FILE).write_text(model_card)
         if verify_images is None:
             verify_images = np.full((1, image_size, image_size, 3), 128, np.uint8)
         verify_export(staging, model, verify_images)

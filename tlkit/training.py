@@ -405,7 +405,7 @@ def _leaf_layers(model):
 
 def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
                  freeze_batchnorm=True, sample_weights=None, verbose=1, checkpoint_dir=None,
-                 resume=None):
+                 resume=None, epoch_callback=None):
     """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
@@ -425,6 +425,8 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         checkpoint_dir: if given, the run state is saved there after every epoch
             (`tlkit.checkpoint`), so the run can resume after a crash or a kill.
         resume: a `tlkit.checkpoint.RunState` to continue from.
+        epoch_callback: called with each epoch's logs (and its `step`, the epoch's number
+            over all stages) after the epoch, for example to write TensorBoard summaries.
 
     Returns:
         A list of `StageResult`, one per stage.
@@ -442,6 +444,10 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         results, best, best_weights = [], math.inf, None
 
     def save(index, progress):
+        if epoch_callback is not None and progress.history:
+            done = sum(len(r.history) for r in results)
+            epoch_callback({**progress.history[-1], "stage_index": index,
+                            "step": done + progress.epoch})
         if checkpoint_dir is not None:
             save_state(checkpoint_dir, RunState(index, results, best, best_weights, progress,
                                                 model.get_weights()))
