@@ -11,6 +11,7 @@ import math
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,14 +212,14 @@ def evaluate(model, dataset):
         A dict with `"loss"` and `"accuracy"`.
     """
     totals = np.zeros(3)
+    step = _compiled(model, "eval", _eval_step)
     for images, labels in dataset:
-        totals += [float(v) for v in _eval_step(model, images, labels)]
+        totals += [float(v) for v in step(images, labels)]
     if not totals[2]:
         return {"loss": math.nan, "accuracy": math.nan}
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
 
 
-@tf.function(reduce_retracing=True)
 def _eval_step(model, images, labels):
     probabilities = model(images, training=False)
     losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
@@ -229,14 +230,22 @@ def predict_probabilities(model, images, batch_size=256):
     """Class probabilities for a uint8 or float array of images, in batches."""
     if not len(images):
         return np.zeros((0, model.output_shape[-1]), np.float32)
+    step = _compiled(model, "predict", lambda m, x: m(x, training=False))
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    return np.concatenate([_predict_step(model, tf.cast(b, tf.float32)).numpy()
-                           for b in dataset])
+    return np.concatenate([step(tf.cast(b, tf.float32)).numpy() for b in dataset])
 
 
-@tf.function(reduce_retracing=True)
-def _predict_step(model, images):
-    return model(images, training=False)
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, kind, fn):
+    """One traced `fn(model, ...)` per model and kind, kept as long as the model lives."""
+    functions = _COMPILED.setdefault(model, {})
+    if kind not in functions:
+        reference = weakref.ref(model)  # a strong one here would keep the model alive forever
+        functions[kind] = tf.function(lambda *args: fn(reference(), *args),
+                                      reduce_retracing=True)
+    return functions[kind]
 
 
 # --- Staged schedules --------------------------------------------------------------------------
