@@ -465,3 +465,24 @@ def test_digits_default_split_is_stratified(digits_dir):
         assert not set(loaded.splits["val"].files) & set(loaded.splits["train"].files)
     finally:
         loaded.close()
+
+
+def test_scan_skips_fifos_and_broken_links_instead_of_hanging(tmp_path):
+    import os
+    import threading
+
+    from conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "data", per_class=3)
+    os.mkfifo(root / "a" / "pipe.png")
+    (root / "b" / "gone.png").symlink_to(root / "b" / "missing.png")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(scan=tdata.scan_folder(root)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "scan_folder blocked"
+    ignored = dict(result["scan"].ignored)
+    for name in ("a/pipe.png", "b/gone.png"):
+        assert ignored[str(root / name)].startswith("not a regular file")
+        assert str(root / name) not in result["scan"].files

@@ -1,179 +1,21 @@
 """tlkit doctor: a hostile data folder, every finding code, fit's split, quarantine."""
 
-import builtins
-import contextlib
-import io
 import json
 import os
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from PIL import Image, ImageDraw, ImageFile, ImageFilter
+from PIL import ImageFile
 
 from conftest import write_image_folder
 from tlkit import data as tdata
 from tlkit.config import DataConfig
-from tlkit.doctor import CODES, SEVERITIES, DoctorReport, _near_pairs, diagnose, quarantine
+from tlkit.doctor import CODES, SEVERITIES, _near_pairs, diagnose, quarantine
 from tlkit.errors import ConfigError, DataError
 
-EXIF_ORIENTATION = 0x0112
-
-# Helpers ----------------------------------------------------------------------------------
-
-
-def picture(seed, size=48):
-    """A photo-like RGB picture: a smooth colour gradient and soft ellipses, one per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    ramps = rng.uniform(0, 255, 3)
-    base = np.stack([ramps[0] * x + 40 * (1 - y), ramps[1] * y, ramps[2] * x * y], axis=-1)
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x0, y0 = rng.integers(0, size, 2)
-        w, h = rng.integers(size // 8, size // 2, 2)
-        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    return np.asarray(image.filter(ImageFilter.GaussianBlur(1)))
-
-
-def with_noise(pixels, seed, amplitude=4):
-    noise = np.random.default_rng(seed).integers(-amplitude, amplitude + 1, pixels.shape)
-    return np.clip(pixels.astype(np.int64) + noise, 0, 255).astype(np.uint8)
-
-
-def save(path, image, fmt=None, **options):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image.save(path, fmt, **options)
-    return path
-
-
-def encoded(pixels, fmt, **options):
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png_header_claiming(width, height):
-    """A PNG whose IHDR claims `width` x `height` RGB pixels, written by hand (valid CRC)."""
-
-    def chunk(kind, body):
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
-@contextlib.contextmanager
-def unreadable(path):
-    """Makes `path` unreadable: mode 000, and, as root (who reads anything), an `open` that
-    raises PermissionError for that one path, as the kernel would for another user.
-
-    Pillow opens files through `builtins.open`, so the patch reaches decoding too.
-    """
-    path = Path(path)
-    path.chmod(0)
-    real_open = builtins.open
-
-    def guarded_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and Path(file) == path:
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        if os.geteuid() == 0:
-            patch.setattr(builtins, "open", guarded_open)
-        yield
-    path.chmod(0o644)
-
-
-def build_corpus(root):
-    """A data folder of real images mixed with every kind of bad file tlkit meets.
-
-    Returns a dict: "errors" (path -> code), "notes" (path -> codes expected on a usable
-    file), "good" (every usable path), "ignored" (paths the scan must skip), "twins"
-    (the near-duplicate pictures of class c), "locked" (the unreadable file).
-    """
-    root = Path(root)
-    a, b, c = root / "a", root / "b", root / "c"
-    notes = {}
-    good = [save(a / f"a_{i:02d}.png", picture(i)) for i in range(8)]
-    good += [save(a / "nested" / "deeper" / "n_0.png", picture(8)),
-             save(a / "ünïcödé 名前.png", picture(9)),
-             save(a / "with  many spaces .png", picture(10))]
-
-    def note(path, *codes):
-        notes[str(path)] = set(codes)
-        good.append(path)
-
-    wrong = a / "wrong_ext.jpg"
-    wrong.write_bytes(encoded(picture(11), "PNG"))
-    note(wrong, "wrong_extension")
-    note(save(a / "cmyk.jpg", Image.fromarray(picture(12)).convert("CMYK")), "converted_mode")
-    sixteen = a / "sixteen.png"
-    samples = picture(13).astype(np.uint16) * 257 + 100
-    sixteen.write_bytes(tf.io.encode_png(tf.constant(samples, tf.uint16)).numpy())
-    note(sixteen, "converted_mode")
-    palette = Image.fromarray(picture(14)).quantize(16)
-    note(save(a / "palette.png", palette, transparency=0), "converted_mode")
-    note(save(a / "la.png", Image.fromarray(picture(15)).convert("LA")), "converted_mode")
-    frames = [Image.fromarray(picture(16 + k)) for k in range(3)]
-    frames[0].save(a / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
-    note(a / "anim.gif", "animated", "converted_mode")  # GIF frames are palette images
-    Image.fromarray(picture(19)).save(a / "pages.tiff", save_all=True,
-                                      append_images=[Image.fromarray(picture(20))])
-    note(a / "pages.tiff", "multi_page")
-    note(save(a / "photo.webp", picture(21)))
-    exif = Image.Exif()
-    exif[EXIF_ORIENTATION] = 6
-    note(save(a / "rotated.jpg", picture(22), exif=exif, quality=95), "exif_rotated")
-    note(save(a / "tiny.png", picture(23, size=6)), "tiny")
-    copy = a / "copy_of_a_00.png"
-    copy.write_bytes((a / "a_00.png").read_bytes())
-    note(copy, "duplicate")
-
-    good += [save(b / f"b_{i:02d}.png", picture(30 + i)) for i in range(8)]
-    cross = b / "same_as_a_01.png"
-    cross.write_bytes((a / "a_01.png").read_bytes())
-    note(cross, "cross_class_duplicate")
-
-    # Class c: one picture three times (exact, with faint noise, noisy and re-encoded as
-    # JPEG). fit puts 1 of 3 images of a class in val, so the twins straddle the split.
-    original = picture(50)
-    twins = [save(c / "twin_0.png", original), save(c / "twin_1.png", with_noise(original, 1)),
-             save(c / "twin_2.jpg", with_noise(original, 2), quality=90)]
-    good += twins
-
-    errors = {
-        a / "truncated.jpg": ("truncated", encoded(picture(60, 64), "JPEG", quality=90)[:900]),
-        a / "empty.jpg": ("empty", b""),
-        a / "notes.jpg": ("not_image", b"labels were checked by hand\n"),
-        a / "page.png": ("not_image", b"<!DOCTYPE html><html><body>404</body></html>\n"),
-        a / "bomb.png": ("bomb", png_header_claiming(100_000, 100_000)),
-        a / "locked.png": ("unreadable", encoded(picture(61), "PNG")),
-    }
-    for path, (_, content) in errors.items():
-        path.write_bytes(content)
-    errors = {str(path): code for path, (code, _) in errors.items()}
-    (a / "loop.jpg").symlink_to("loop.jpg")  # a link to itself: ELOOP on open
-    errors[str(a / "loop.jpg")] = "unreadable"
-
-    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    (a / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
-    (a / "loop_dir").symlink_to(a, target_is_directory=True)
-    ignored = [root / ".DS_Store", a / "Thumbs.db", a / "loop_dir"]
-    return {"errors": errors, "notes": notes, "good": sorted(str(p) for p in good),
-            "ignored": [str(p) for p in ignored], "twins": [str(p) for p in twins],
-            "locked": a / "locked.png"}
-
+from corpus import build_corpus, picture, png_header_claiming, save, unreadable, with_noise
 
 def tree(root):
     """Every path under `root`, symlinks listed but not followed."""
@@ -293,6 +135,19 @@ def test_ignored_entries_and_class_imbalance(hostile):
     assert "'a'" in imbalance.message and "'c'" in imbalance.message
 
 
+def test_a_class_without_a_usable_image_is_named(image_folder):
+    root = image_folder(classes=("a",), per_class=3)
+    (root / "b").mkdir()
+    (root / "b" / "broken.png").write_bytes(b"")
+    report = diagnose(root, verbose=0)
+    assert [(f.path, f.code) for f in report.errors] == [(str(root / "b" / "broken.png"),
+                                                          "empty")]
+    assert report.class_counts == {"a": 3, "b": 0} and report.imbalance is None
+    (imbalance,) = by_path(report, "imbalance")[str(root)]
+    assert "no usable image in class 'b'" in imbalance.message
+    assert json.loads(json.dumps(report.to_dict()))["imbalance"] is None
+
+
 def test_splits_equal_fits_on_the_hostile_corpus(hostile):
     _, _, report, loaded = hostile
     for name in tdata.SPLITS:
@@ -354,7 +209,7 @@ def test_a_bomb_is_refused_from_its_header_and_never_decoded(tmp_path, monkeypat
         "each good file is decoded once"
 
 
-def test_fifo_is_an_error_not_a_hang(tmp_path):
+def test_fifo_and_self_link_are_skipped_not_a_hang(tmp_path):
     root = write_image_folder(tmp_path / "data", per_class=3)
     fifo = root / "b" / "pipe.jpg"
     os.mkfifo(fifo)  # opening it would wait forever for a writer
@@ -364,7 +219,9 @@ def test_fifo_is_an_error_not_a_hang(tmp_path):
     worker.start()
     worker.join(timeout=20)
     assert not worker.is_alive(), "diagnose blocks on a FIFO"
-    assert [(f.path, f.code) for f in result["report"].errors] == [(str(fifo), "unreadable")]
+    report = result["report"]
+    assert report.errors == [] and str(fifo) not in report.files
+    assert (str(fifo), "not a regular file (a FIFO, device or broken link)") in report.ignored
 
 
 # fit's split, on clean data -----------------------------------------------------------------
@@ -485,3 +342,24 @@ def test_near_pairs_finds_every_pair_within_the_threshold():
 
 def test_severities_and_codes_are_consistent():
     assert set(CODES.values()) == set(SEVERITIES)
+
+
+def test_doctor_command_table_json_and_quarantine(tmp_path):
+    from click.testing import CliRunner
+
+    from tlkit.cli import main
+
+    root = write_image_folder(tmp_path / "data", per_class=4)
+    (root / "a" / "broken.png").write_bytes(b"<html>not an image</html>")
+    runner = CliRunner()
+    table = runner.invoke(main, ["doctor", str(root)])
+    assert table.exit_code == 1 and "broken.png" in table.stdout
+    as_json = runner.invoke(main, ["doctor", str(root), "--format", "json"])
+    payload = json.loads(as_json.stdout)
+    assert [f["path"] for f in payload["findings"] if f["severity"] == "error"] == [
+        str(root / "a" / "broken.png")]
+    moved = runner.invoke(main, ["doctor", str(root), "--quarantine", str(tmp_path / "q")])
+    assert moved.exit_code == 0, moved.output
+    assert (tmp_path / "q" / "a" / "broken.png").is_file()
+    assert not (root / "a" / "broken.png").exists()
+    assert runner.invoke(main, ["doctor", str(root)]).exit_code == 0

@@ -23,6 +23,7 @@ from tlkit.augment import build_augmenter
 from tlkit.backbones import get_backbone, unfreeze_groups
 from tlkit.config import FitConfig, build_config
 from tlkit.data import load_image_data, make_dataset
+from tlkit.doctor import split_leaks
 from tlkit.checkpoint import clear_state, load_state
 from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.evaluate import evaluate_arrays
@@ -99,6 +100,13 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
 
     data = load_image_data(config.data, seed=config.seed, verbose=verbose)
     try:
+        leaks = split_leaks(data)
+        if leaks:
+            data.warnings.append(
+                f"{len(leaks)} near-duplicate image pair(s) straddle the splits (e.g. "
+                f"{leaks[0][0]} in {leaks[0][1]} and {leaks[0][2]} in {leaks[0][3]}): "
+                "validation and test scores may be optimistic. `tlkit doctor "
+                f"{config.data.data_dir}` lists them.")
         if verbose:
             print(data.summary())
         if run_dir is None:
@@ -238,7 +246,7 @@ def _tensorboard(config, run_dir):
     import tensorflow as tf
 
     try:
-        import tensorboard  # noqa: F401  (tf.summary needs it)
+        import tensorboard  # noqa: F401  (tf.summary needs it installed)
     except ImportError:
         raise ConfigError("`tensorboard=True` needs the tensorboard package: pip install "
                           "tensorboard (or tlkit[tensorboard]).") from None

@@ -130,6 +130,8 @@ def _walk_class(folder, extensions, ignored):
             reason = _skip_reason(path)
             if reason is None and path.suffix.lower() not in extensions:
                 reason = "not an image file extension"
+            if reason is None and not path.is_file():
+                reason = "not a regular file (a FIFO, device or broken link)"
             if reason:
                 ignored.append((str(path), reason))
             else:
@@ -225,9 +227,8 @@ def decode_images(files, image_size, resize="squash", cache="auto", cache_dir=No
     def work(index):
         path = files[index]
         try:
-            with open(path, "rb") as f:
-                digests[index] = hashlib.sha1(f.read()).hexdigest()
             cache.array[index] = resize_fn(image_ops.decode_file(path, max_pixels)).numpy()
+            digests[index] = file_digest(path)
             ok[index] = True
         except ImageError as e:
             return (e.path, e.reason)
@@ -244,6 +245,35 @@ def decode_images(files, image_size, resize="squash", cache="auto", cache_dir=No
             if progbar and (done % 64 == 0 or done == len(files)):
                 progbar.update(done)
     return DecodedImages(cache, ok, digests, skipped)
+
+
+def file_digest(path, chunk=1 << 20):
+    """SHA-1 of a file's bytes, read in chunks (a huge file never sits in memory)."""
+    sha1 = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha1.update(block)
+    return sha1.hexdigest()
+
+
+def split_usable(labels, ok, digests, val_split, test_split, seed):
+    """The split `load_image_data` makes: file indices per split, over the usable files.
+
+    Args:
+        labels: class index per file.
+        ok: bool per file, whether it decoded.
+        digests: content digest per file.
+        val_split: validation fraction (0 when a validation folder is used).
+        test_split: test fraction.
+        seed: seed of the split.
+
+    Returns:
+        A dict from split name to a sorted array of file indices.
+    """
+    usable = np.flatnonzero(ok)
+    parts = split_indices(np.asarray(labels)[usable], [digests[i] for i in usable],
+                          {"test": test_split, "val": val_split}, seed)
+    return {name: usable[positions] for name, positions in parts.items()}
 
 
 def split_indices(labels, digests, fractions, seed):
@@ -405,17 +435,11 @@ def load_image_data(config, seed=42, verbose=1):
     decoded = decode_images(scan.files, **decode)
     labels = np.asarray(scan.labels, np.int64)
     _check_every_class_usable(scan, labels, decoded.ok)
-    usable = np.flatnonzero(decoded.ok)
-    fractions = {"test": config.test_split,
-                 "val": 0.0 if config.val_dir else config.val_split}
-    parts = split_indices(labels[usable], [decoded.digests[i] for i in usable], fractions,
-                          seed)
-    splits = {}
-    for name, positions in parts.items():
-        if len(positions):
-            indices = usable[positions]
-            splits[name] = Split(name, decoded.cache, indices, labels[indices],
-                                 [scan.files[i] for i in indices])
+    parts = split_usable(labels, decoded.ok, decoded.digests,
+                         0.0 if config.val_dir else config.val_split, config.test_split, seed)
+    splits = {name: Split(name, decoded.cache, indices, labels[indices],
+                          [scan.files[i] for i in indices])
+              for name, indices in parts.items() if len(indices)}
     skipped, ignored = list(decoded.skipped), list(scan.ignored)
     if config.val_dir:
         val_scan = scan_folder(config.val_dir, class_names=scan.class_names)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from tlkit import images as image_ops
 from tlkit.config import DataConfig, _check_choice, _check_number
-from tlkit.data import SPLITS, scan_folder, split_indices
+from tlkit.data import SPLITS, scan_folder, split_usable
 from tlkit.errors import ConfigError, ImageError
 
 SEVERITIES = ("error", "warning", "info")
@@ -83,7 +83,7 @@ _READ_CHUNK = 1 << 20
 _MAX_RELATED = 10  # files named in `related` of one near-duplicate finding
 _DCT_SIZE = 32
 _DCT = np.cos(np.pi * np.outer(np.arange(_DCT_SIZE), 2 * np.arange(_DCT_SIZE) + 1)
-              / (2 * _DCT_SIZE))  # DCT-II basis (unscaled: only signs against the median count)
+              / (2 * _DCT_SIZE))  # DCT-II basis, unnormalised as in the usual pHash
 
 
 @dataclass(frozen=True)
@@ -200,9 +200,9 @@ def diagnose(data_dir, val_split=0.2, test_split=0.0, seed=42, workers=0,
     decompression bomb is refused from its header and never decoded). Pillow's header
     tells what fit converts (animation, pages, colour mode, EXIF orientation). A 64-bit
     perceptual hash (pHash) of a 32x32 thumbnail finds near-duplicates (at most
-    `NEAR_DUPLICATE_BITS` bits apart), and the split is the one
-    fit makes with the same `val_split`, `test_split` and `seed`, so near-duplicates on
-    both sides of it (leakage that inflates validation and test scores) are named.
+    `NEAR_DUPLICATE_BITS` bits apart). The split is the one fit makes with the same
+    `val_split`, `test_split` and `seed`, so near-duplicates on both sides of it (a leak
+    that inflates validation and test scores) are named.
 
     Args:
         data_dir: folder with one subfolder per class.
@@ -501,9 +501,10 @@ def _fit_split(labels, usable, digests, val_split, test_split, seed):
     """File index -> split name, for the usable files, exactly as `load_image_data` splits."""
     if not len(usable):
         return {}
-    parts = split_indices(labels[usable], [digests[i] for i in usable],
-                          {"test": test_split, "val": val_split}, seed)
-    return {int(usable[p]): name for name, positions in parts.items() for p in positions}
+    ok = np.zeros(len(labels), bool)
+    ok[usable] = True
+    parts = split_usable(labels, ok, digests, val_split, test_split, seed)
+    return {int(i): name for name, indices in parts.items() for i in indices}
 
 
 def _duplicate_findings(scan, usable, checks):
@@ -623,16 +624,39 @@ def _near_pairs(hashes, max_bits):
 
 
 def _imbalance_findings(root, class_counts):
+    empty = [name for name, count in class_counts.items() if count == 0]
+    if empty:
+        return [_finding(root, "imbalance", (
+            f"no usable image in class {', '.join(map(repr, empty))}: `tlkit fit` refuses to "
+            "train until every class has one"))]
     smallest = min(class_counts, key=class_counts.get)
     largest = max(class_counts, key=class_counts.get)
     low, high = class_counts[smallest], class_counts[largest]
-    if low == 0:
-        return [_finding(root, "imbalance", (
-            f"class {smallest!r} has no usable image: `tlkit fit` refuses to train until "
-            "it has some"))]
     if high / low <= IMBALANCE_RATIO:
         return []
     return [_finding(root, "imbalance", (
         f"class {largest!r} has {high} usable images and class {smallest!r} {low} (ratio "
         f"{high / low:.1f} > {IMBALANCE_RATIO:g}): consider more images of the small "
         "classes, or `--class-weight auto`"))]
+
+
+def split_leaks(data, max_bits=NEAR_DUPLICATE_BITS):
+    """Near-duplicate pairs that straddle the splits of loaded `ImageData` (fit's check).
+
+    Hashes the decoded, resized images fit already holds, so it costs no second decode.
+
+    Args:
+        data: `tlkit.data.ImageData` from `load_image_data`.
+        max_bits: largest pHash distance counted as a near-duplicate.
+
+    Returns:
+        A list of `(file_a, split_a, file_b, split_b, bits)`.
+    """
+    files, names, hashes = [], [], []
+    for name, split in data.splits.items():
+        for position, file in enumerate(split.files):
+            files.append(file)
+            names.append(name)
+            hashes.append(_phash(np.asarray(split.cache.array[split.indices[position]])))
+    return [(files[i], names[i], files[j], names[j], bits)
+            for i, j, bits in _near_pairs(hashes, max_bits) if names[i] != names[j]]
