@@ -11,6 +11,7 @@ import csv
 import datetime
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from tlkit.export import check_version_free, export_classifier
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation)
 from tlkit.plots import plot_history
-from tlkit.training import (adapt_batchnorm_momentum, evaluate, parse_stages, plan_stages,
-                            run_schedule)
+from tlkit.training import (HEAD, adapt_batchnorm_momentum, evaluate, parse_stages,
+                            plan_stages, run_schedule)
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 
@@ -144,7 +145,9 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                                    freeze_batchnorm=pretrained and not config.model.train_bn,
                                    sample_weights=weights, verbose=verbose,
                                    checkpoint_dir=run_dir, resume=state,
-                                   epoch_callback=_tensorboard(config, run_dir))
+                                   epoch_callback=_tensorboard(config, run_dir),
+                                   stage_inputs=_feature_inputs(config, spec, model, data,
+                                                                verbose))
         except KeyboardInterrupt:
             raise Interrupted(
                 "Training interrupted; every completed epoch is saved in "
@@ -237,6 +240,44 @@ def _schedule(config, group_names, pretrained):
         return parse_stages(train.stages, group_names)
     return plan_stages(group_names, pretrained, train.epochs, train.learning_rate,
                        unfreeze=train.unfreeze, fine_tune_epochs=train.fine_tune_epochs)
+
+
+def _feature_inputs(config, spec, model, data, verbose):
+    """Stage inputs that train the head on cached backbone features while the backbone is
+    frozen (`tlkit.features`), or None when the run does not use them."""
+    if not (config.model.pretrained and config.train.feature_cache):
+        return None
+    from tlkit.features import FeatureCache, feature_dataset, head_model, split_features
+
+    cache = FeatureCache(Path(config.data.cache_dir) / "features" if config.data.cache_dir
+                         else None, config.train.feature_cache_gb * 1024**3)
+    settings = dict(backbone_name=spec.name, image_size=config.data.image_size,
+                    resize=config.data.resize, preprocessing=spec.preprocessing,
+                    augment=config.model.augment, flip=config.model.flip)
+    batch = config.data.batch_size
+    # Its own augmenter: the training augmenter's random state must not depend on whether
+    # the features were computed or found in the cache.
+    augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed + 1)
+
+    def inputs(stage):
+        if stage.target != HEAD:
+            return None
+        started = time.perf_counter()
+        train = split_features(model, data.splits["train"], data.splits["train"].digests,
+                               cache, settings, augmenter, config.train.cached_views,
+                               verbose=verbose, seed=config.seed + 1)
+        val = split_features(model, data.splits["val"], data.splits["val"].digests, cache,
+                             settings, verbose=verbose)
+        if verbose:
+            views, count = train.features.shape[:2]
+            source = "from the cache" if train.from_cache and val.from_cache else "computed"
+            print(f"[head] backbone features for {count} x {views} view(s) + "
+                  f"{len(data.splits['val'])} validation images {source} in "
+                  f"{time.perf_counter() - started:.1f}s ({cache.folder})")
+        return (head_model(model), feature_dataset(train, batch, shuffle=True, seed=config.seed),
+                feature_dataset(val, batch))
+
+    return inputs
 
 
 def _tensorboard(config, run_dir):

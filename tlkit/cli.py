@@ -82,6 +82,11 @@ def main():
 @click.option("--train-bn/--freeze-bn", "train_bn", default=None,
               help="Let BatchNorm layers in unfrozen groups train [default: frozen, in "
               "inference mode].")
+@click.option("--feature-cache/--no-feature-cache", "feature_cache", default=None,
+              help="Train the head on cached backbone features while the backbone is "
+              "frozen [default: on].")
+@click.option("--cached-views", type=int, help="Augmented views per image in the feature "
+              "cache [default: 4 with augmentation, else 1].")
 @click.option("--tensorboard", is_flag=True, default=None,
               help="Write TensorBoard logs to the run folder's tensorboard/.")
 @click.option("--class-weight", type=click.Choice(["none", "auto"]),
@@ -369,6 +374,50 @@ def inspect_command(backbone, image_size, model_path):
                "2-class head, BatchNorm frozen when pretrained):")
     for stage, trainable, frozen in stage_table(spec.name, size, weights=weights):
         click.echo(f"  {stage:<10} trainable {trainable:>12,}  frozen {frozen:>12,}")
+
+
+@main.group()
+def cache():
+    """Inspect or empty the feature cache (~/.cache/tlkit/features, or --cache-dir).
+
+    \b
+    Example:
+      tlkit cache info
+      tlkit cache clear --cache-dir /scratch/tlkit
+    """
+
+
+_cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False),
+    help="The cache folder given to fit's --cache-dir [default: ~/.cache/tlkit].")
+
+
+@cache.command("info")
+@_cache_dir_option
+def cache_info(cache_dir):
+    """Show the feature cache's folder, entries and size."""
+    from tlkit.features import FeatureCache
+
+    info = _feature_cache(cache_dir, FeatureCache).info()
+    click.echo(f"folder   {info['folder']}\nentries  {info['entries']}\n"
+               f"size     {info['bytes'] / 1024**2:.1f} MiB (cap {info['max_bytes'] / 1024**3:.1f} GiB)"
+               f"\noldest   {info['oldest'] or '-'}\nnewest   {info['newest'] or '-'}")
+
+
+@cache.command("clear")
+@_cache_dir_option
+def cache_clear(cache_dir):
+    """Delete every cached feature file (they are recomputed when needed)."""
+    from tlkit.features import FeatureCache
+
+    freed = _feature_cache(cache_dir, FeatureCache).clear()
+    click.echo(f"Freed {freed / 1024**2:.1f} MiB.")
+
+
+def _feature_cache(cache_dir, feature_cache):
+    from pathlib import Path
+
+    return feature_cache(Path(cache_dir) / "features" if cache_dir else None)
 
 
 @main.command()

@@ -137,6 +137,9 @@ class TrainConfig:
     fine_tune_epochs: int | None = None  # most epochs per unfreezing stage; None: `epochs`
     stages: str | None = None  # explicit schedule "head:5@1e-3,block5:3@1e-4"; overrides above
     class_weight: str = "none"  # "auto": weight the loss by inverse class frequency
+    feature_cache: bool = True  # frozen-backbone stages train the head on cached features
+    cached_views: int | str = "auto"  # augmented views per image; "auto": 4, 1 unaugmented
+    feature_cache_gb: float = 5.0  # size cap of the feature cache folder
     tensorboard: bool = False  # write TensorBoard logs to <run folder>/tensorboard
     verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
 
@@ -154,6 +157,10 @@ class TrainConfig:
             parse_stages(self.stages)
         _check_choice("class_weight", self.class_weight, ("none", "auto"))
         _check_choice("tensorboard", self.tensorboard, (True, False))
+        _check_choice("feature_cache", self.feature_cache, (True, False))
+        if self.cached_views != "auto":
+            _check_number("cached_views", self.cached_views, 1, 64, integer=True)
+        _check_number("feature_cache_gb", self.feature_cache_gb, 0.0)
         _check_choice("verbose", self.verbose, (0, 1, 2))
 
 
@@ -229,6 +236,9 @@ class FitConfig:
         train = self.train
         if train.unfreeze == "auto":
             train = dataclasses.replace(train, unfreeze=1 if pretrained else 0)
+        if train.cached_views == "auto":
+            augmented = model.augment != "none" or model.flip != "none"
+            train = dataclasses.replace(train, cached_views=4 if augmented else 1)
         group_names = [name for name, _ in spec.unfreeze_groups]
         if pretrained and train.unfreeze > len(group_names):
             raise ConfigError(

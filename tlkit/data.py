@@ -342,6 +342,7 @@ class Split:
     indices: np.ndarray
     labels: np.ndarray
     files: list
+    digests: list = field(default_factory=list, repr=False)  # SHA-1 of each file
 
     def __len__(self):
         return len(self.indices)
@@ -438,7 +439,8 @@ def load_image_data(config, seed=42, verbose=1):
     parts = split_usable(labels, decoded.ok, decoded.digests,
                          0.0 if config.val_dir else config.val_split, config.test_split, seed)
     splits = {name: Split(name, decoded.cache, indices, labels[indices],
-                          [scan.files[i] for i in indices])
+                          [scan.files[i] for i in indices],
+                          [decoded.digests[i] for i in indices])
               for name, indices in parts.items() if len(indices)}
     skipped, ignored = list(decoded.skipped), list(scan.ignored)
     if config.val_dir:
@@ -447,7 +449,8 @@ def load_image_data(config, seed=42, verbose=1):
         val_usable = np.flatnonzero(val_decoded.ok)
         val_labels = np.asarray(val_scan.labels, np.int64)[val_usable]
         splits["val"] = Split("val", val_decoded.cache, val_usable, val_labels,
-                              [val_scan.files[i] for i in val_usable])
+                              [val_scan.files[i] for i in val_usable],
+                              [val_decoded.digests[i] for i in val_usable])
         skipped += val_decoded.skipped
         ignored += val_scan.ignored
     data = ImageData(list(scan.class_names), config.image_size, config.resize, splits,

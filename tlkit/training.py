@@ -414,7 +414,7 @@ def _leaf_layers(model):
 
 def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
                  freeze_batchnorm=True, sample_weights=None, verbose=1, checkpoint_dir=None,
-                 resume=None, epoch_callback=None):
+                 resume=None, epoch_callback=None, stage_inputs=None):
     """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
@@ -436,13 +436,15 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         resume: a `tlkit.checkpoint.RunState` to continue from.
         epoch_callback: called with each epoch's logs (and its `step`, the epoch's number
             over all stages) after the epoch, for example to write TensorBoard summaries.
+        stage_inputs: called with a `Stage` after its layers are frozen; may return
+            `(model, train_ds, val_ds)` to train that stage on other inputs (the head on
+            cached features, `tlkit.features`), or None for `model` on the datasets.
 
     Returns:
         A list of `StageResult`, one per stage.
     """
     from tlkit.checkpoint import RunState, save_state
 
-    trainer = Trainer(model, verbose=verbose)
     if resume is not None:
         results, best, best_weights = list(resume.finished), resume.best, resume.rollback_weights
         model.set_weights(resume.current_weights)
@@ -470,11 +472,12 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
             print(f"[{stage.target}] stage {stage}: unfrozen groups {unfrozen or 'none'}, "
                   f"{trainable:,} trainable parameters")
         progress = resume.stage if resume is not None and index == resume.stage_index else None
-        result = trainer.train_stage(train_ds, val_ds, epochs=stage.epochs,
-                                     learning_rate=stage.learning_rate, patience=patience,
-                                     name=stage.target, sample_weights=sample_weights,
-                                     resume=progress,
-                                     on_epoch_end=lambda p, i=index: save(i, p))
+        inputs = stage_inputs(stage) if stage_inputs is not None else None
+        trained, stage_train, stage_val = inputs or (model, train_ds, val_ds)
+        result = Trainer(trained, verbose=verbose).train_stage(
+            stage_train, stage_val, epochs=stage.epochs, learning_rate=stage.learning_rate,
+            patience=patience, name=stage.target, sample_weights=sample_weights,
+            resume=progress, on_epoch_end=lambda p, i=index: save(i, p))
         if result.best["val_loss"] > best:
             model.set_weights(best_weights)
             result.rolled_back = True

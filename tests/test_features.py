@@ -1,0 +1,134 @@
+"""Cached backbone features: the same head as the full model, and a cache that knows when
+it is stale."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tlkit
+from tlkit.augment import build_augmenter
+from tlkit.data import ImageCache, Split
+from tlkit.features import (FeatureCache, feature_dataset, feature_extractor, head_model,
+                            split_features)
+from tlkit.models import build_classifier
+
+SETTINGS = dict(backbone_name="lenet5", image_size=32, resize="squash", preprocessing="unit",
+                augment="none", flip="none")
+
+
+def make_split(count=12, size=32, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), np.uint8)
+    cache = ImageCache(count, size, "memory")
+    cache.array[:] = pixels
+    labels = np.arange(count) % 2
+    return Split("train", cache, np.arange(count), labels, [f"f{i}" for i in range(count)],
+                 [f"digest{i}" for i in range(count)])
+
+
+def test_head_on_cached_features_equals_the_full_model():
+    model = build_classifier("resnet50", 3, 32, weights="none")
+    split = make_split()
+    features = split_features(model, split, split.digests, None, SETTINGS, verbose=0)
+    from_features = head_model(model).predict(features.features[0], verbose=0)
+    full = model.predict(split.images.astype("float32"), verbose=0)
+    np.testing.assert_allclose(from_features, full, atol=1e-5)
+    assert head_model(model).get_layer("predictions") is model.get_layer("predictions")
+
+
+def test_training_the_head_trains_the_models_own_head():
+    model = build_classifier("lenet5", 2, 32)
+    head = head_model(model)
+    kernel = model.get_layer("predictions").kernel.numpy().copy()
+    head.compile("adam", "sparse_categorical_crossentropy")
+    head.fit(np.ones((4, 84), "float32"), np.array([0, 1, 0, 1]), epochs=1, verbose=0)
+    assert not np.array_equal(model.get_layer("predictions").kernel.numpy(), kernel)
+
+
+def test_cache_hits_and_every_key_change_invalidates(tmp_path):
+    model = build_classifier("lenet5", 2, 32)
+    split = make_split()
+    cache = FeatureCache(tmp_path / "features")
+    augmenter = build_augmenter("light", "horizontal", seed=3)
+    common = dict(augmenter=augmenter, views=2, verbose=0, seed=3)
+    first = split_features(model, split, split.digests, cache, SETTINGS, **common)
+    assert not first.from_cache and first.features.shape == (2, 12, 84)
+    again = split_features(model, split, split.digests, cache, SETTINGS, **common)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.features, first.features)
+
+    changed_settings = [{**SETTINGS, key: value} for key, value in (
+        ("image_size", 40), ("resize", "pad"), ("preprocessing", "tf"), ("augment", "heavy"),
+        ("flip", "vertical"), ("backbone_name", "scratch"))]
+    for settings in changed_settings:
+        assert not split_features(model, split, split.digests, cache, settings,
+                                  **common).from_cache, settings
+    for change in (dict(views=3), dict(seed=4), dict(augmenter=None, views=1)):
+        options = {**common, **change}
+        assert not split_features(model, split, split.digests, cache, SETTINGS,
+                                  **options).from_cache, change
+    edited = [*split.digests[:-1], "another file content"]
+    assert not split_features(model, split, edited, cache, SETTINGS, **common).from_cache
+    layer = model.get_layer("backbone").get_layer("c1")
+    layer.kernel.assign(layer.kernel + 0.01)  # other backbone weights
+    assert not split_features(model, split, split.digests, cache, SETTINGS, **common).from_cache
+
+
+def test_cache_cap_info_and_clear(tmp_path):
+    cache = FeatureCache(tmp_path / "features", max_bytes=3000)
+    for index in range(4):
+        cache.put(f"key{index}", np.zeros(200, np.float32))  # ~928 bytes each
+    info = cache.info()
+    assert info["bytes"] <= 3000 and info["entries"] == 3
+    assert cache.get("key0") is None and cache.get("key3") is not None
+    assert cache.clear() == info["bytes"] and cache.info()["entries"] == 0
+
+
+def test_feature_dataset_draws_one_view_per_image_each_epoch():
+    features = np.stack([np.full((6, 2), view, np.float32) for view in range(3)])
+    labels = np.arange(6)
+    from tlkit.features import SplitFeatures
+
+    dataset = feature_dataset(SplitFeatures(features, labels, False), 4, shuffle=True, seed=1)
+    seen_views = set()
+    for _ in range(4):
+        rows = [(x.numpy(), y.numpy()) for x, y in dataset]
+        epoch_labels = np.concatenate([y for _, y in rows])
+        assert sorted(epoch_labels) == list(range(6))  # each image once per epoch
+        seen_views |= {float(v) for x, _ in rows for v in x[:, 0]}
+    assert seen_views == {0.0, 1.0, 2.0}
+
+
+def test_fit_uses_cached_features_for_the_head_stage_and_reuses_them(image_folder, tmp_path):
+    folder = image_folder(per_class=8, size=16)
+    common = dict(image_size=32, epochs=2, augment="light", flip="none", verbose=0,
+                  runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm",
+                  cache_dir=tmp_path / "cache")
+    first = tlkit.fit(folder, backbone="lenet5", **common)
+    weights = str(first.run_dir / "backbone.weights.h5")
+    staged = dict(backbone="lenet5", weights=weights, unfreeze=1, fine_tune_epochs=1,
+                  cached_views=2, **common)
+    a = tlkit.fit(folder, **staged)
+    stored = list((tmp_path / "cache" / "features").glob("*.npy"))
+    assert len(stored) == 2  # train (2 views) and validation
+    b = tlkit.fit(folder, **staged, dropout=0.5)  # a different head reuses the features
+    assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == sorted(stored)
+    assert [h["stage"] for h in a.history] == ["head", "head", "f6", "f6"][:len(a.history)]
+    classifier = tlkit.load(a.export_path)
+    images = np.stack([tlkit.images.load_image(f, 32) for f in sorted(folder.rglob("*.png"))])
+    np.testing.assert_allclose(classifier.predict_arrays(images),
+                               a.model.predict(images.astype("float32"), verbose=0), atol=1e-5)
+    assert b.export_path != a.export_path
+
+
+def test_cache_command_info_and_clear(tmp_path):
+    from click.testing import CliRunner
+
+    from tlkit.cli import main
+
+    FeatureCache(tmp_path / "features").put("k", np.zeros(1000, np.float32))
+    runner = CliRunner()
+    info = runner.invoke(main, ["cache", "info", "--cache-dir", str(tmp_path)])
+    assert info.exit_code == 0 and "entries  1" in info.stdout
+    cleared = runner.invoke(main, ["cache", "clear", "--cache-dir", str(tmp_path)])
+    assert cleared.exit_code == 0 and "Freed" in cleared.stdout
+    assert not list((tmp_path / "features").glob("*.npy"))
