@@ -74,6 +74,8 @@ class Trainer:
     Args:
         model: a `keras.Model` that outputs class probabilities.
         verbose: 0 silent, 1 progress bar per epoch, 2 one line per epoch.
+        jit_compile: compile the train step with XLA (see benchmarks/jit.py for whether it
+            pays on a CPU).
 
     Example:
 
@@ -82,9 +84,10 @@ class Trainer:
     >>> result.best["val_accuracy"]
     """
 
-    def __init__(self, model, verbose=1):
+    def __init__(self, model, verbose=1, jit_compile=False):
         self.model = model
         self.verbose = verbose
+        self.jit_compile = jit_compile
 
     def train_stage(self, train_ds, val_ds, *, epochs, learning_rate, patience=5,
                     name="train", sample_weights=None, resume=None, on_epoch_end=None):
@@ -156,7 +159,7 @@ class Trainer:
         model = self.model
         weights = None if sample_weights is None else tf.constant(sample_weights, tf.float32)
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile)
         def train_step(images, labels):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)

@@ -1,0 +1,174 @@
+"""Frozen-stage training: tlkit's cached features vs the Keras guide's way.
+
+The Keras transfer-learning guide trains a head with `image_dataset_from_directory`, a frozen
+backbone inside the model and `fit`: every epoch runs the backbone on every image again.
+tlkit runs it once per image (K augmented views) and trains the head on cached features.
+
+Two measurements, each on the same backbone, data and epochs for both ways:
+
+1. Accuracy and speed with real features: tlkit's scratch CNN pretrained on digits 0-4 (its
+   backbone weights file), head trained on digits 5-9 at 64 px. Accuracies must agree
+   within 2 points.
+2. Speed at ResNet50's cost: ResNet50 (random weights; its features are not meaningful, its
+   speed is) at 128 px on a few hundred digit images.
+
+Per epoch: median seconds of epochs 2..N. Total: from the start of data loading to the end
+of the head's last epoch for Keras (dataset creation, model building and `fit`); for tlkit
+the whole `tlkit.fit` call, which also evaluates, saves the run folder and exports.
+
+Run: python -m benchmarks.frozen_stage  (about 10 minutes on 2 CPU cores)
+"""
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tlkit  # noqa: E402
+from benchmarks._common import machine, write_section  # noqa: E402
+from tlkit.backbones import get_backbone  # noqa: E402
+from tlkit.layers import Preprocess  # noqa: E402
+from tlkit.models import build_backbone  # noqa: E402
+
+DIGITS = Path(__file__).resolve().parent.parent / "data" / "digits"
+EPOCHS = 10
+BATCH = 32
+SEED = 7
+
+
+def copy_digits(target, digits, per_class=None):
+    for digit in digits:
+        files = sorted((DIGITS / digit).glob("*.png"))[:per_class]
+        (target / digit).mkdir(parents=True, exist_ok=True)
+        for file in files:
+            shutil.copy(file, target / digit / file.name)
+    return target
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self.started)
+
+
+def keras_guide(folder, backbone, size, weights, augment):
+    """The Keras guide's recipe; returns (per-epoch seconds, total seconds, val accuracy)."""
+    keras.utils.set_random_seed(SEED)
+    started = time.perf_counter()
+    common = dict(image_size=(size, size), batch_size=BATCH, validation_split=0.2, seed=SEED,
+                  label_mode="int", interpolation="bilinear")
+    train = keras.utils.image_dataset_from_directory(folder, subset="training", **common)
+    val = keras.utils.image_dataset_from_directory(folder, subset="validation", **common)
+    classes = len(train.class_names)
+    train, val = train.prefetch(2), val.prefetch(2)
+    base = build_backbone(backbone, size, weights)
+    base.trainable = False
+    inputs = keras.Input((size, size, 3))
+    x = inputs
+    if augment:
+        x = keras.layers.RandomFlip("horizontal")(x)
+        x = keras.layers.RandomRotation(0.06)(x)
+        x = keras.layers.RandomZoom(0.1)(x)
+    x = Preprocess(get_backbone(backbone).preprocessing)(x)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    timer = EpochTimer()
+    history = model.fit(train, validation_data=val, epochs=EPOCHS, verbose=0, callbacks=[timer])
+    total = time.perf_counter() - started
+    return statistics.median(timer.times[1:]), total, history.history["val_accuracy"][-1]
+
+
+def tlkit_cached(folder, backbone, size, weights, views, work):
+    """tlkit's head stage on cached features; returns (per-epoch, total, val accuracy)."""
+    augment = "standard" if views > 1 else "none"
+    started = time.perf_counter()
+    result = tlkit.fit(folder, backbone=backbone, image_size=size, weights=weights,
+                       stages=f"head:{EPOCHS}@1e-3", patience=EPOCHS, cached_views=views,
+                       augment=augment, flip="horizontal" if views > 1 else "none",
+                       batch_size=BATCH, seed=SEED, verbose=0, dropout=0.2,
+                       cache_dir=work / f"cache-{time.time_ns()}", runs_dir=work / "runs",
+                       export_dir=work / "exports")
+    total = time.perf_counter() - started
+    epochs = [h["seconds"] for h in result.history]
+    return statistics.median(epochs[1:]), total, result.history[-1]["val_accuracy"]
+
+
+def main():
+    work = Path(tempfile.mkdtemp(prefix="tlkit-frozen-"))
+    rows = []
+    try:
+        pre = tlkit.fit(copy_digits(work / "pre", "01234"), image_size=64, flip="none",
+                        augment="light", seed=SEED, verbose=0, runs_dir=work / "runs",
+                        export_dir=work / "exports", name="pre")
+        weights = str(pre.run_dir / "backbone.weights.h5")
+        cases = [
+            ("scratch CNN (pretrained on 0-4), 64 px, digits 5-9", "scratch", 64, weights,
+             copy_digits(work / "task", "56789")),
+            ("ResNet50 (random weights), 128 px, 300 digits", "resnet50", 128, "none",
+             copy_digits(work / "resnet", "0123456789", per_class=30)),
+        ]
+        for label, backbone, size, case_weights, folder in cases:
+            tlkit_weights = case_weights if case_weights != "none" else _random_weights_file(
+                backbone, size, work)
+            for views in (1, 4):
+                k_epoch, k_total, k_acc = keras_guide(folder, backbone, size, tlkit_weights,
+                                                      augment=views > 1)
+                t_epoch, t_total, t_acc = tlkit_cached(folder, backbone, size, tlkit_weights,
+                                                       views, work)
+                rows.append((label, views, k_epoch, t_epoch, k_total, t_total, k_acc, t_acc))
+                print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    lines = ["## Frozen-stage training: cached features vs the Keras guide "
+             "(benchmarks/frozen_stage.py)", "", f"Machine: {machine()}.", "",
+             f"{EPOCHS} head epochs, batch {BATCH}; K = cached augmented views (tlkit) vs "
+             "the same augmentation layers in the model (Keras). Per epoch: median of epochs "
+             "2..N. Total: Keras from dataset creation to the end of `fit`; tlkit the whole "
+             "`tlkit.fit` (decoding, feature extraction, epochs, evaluation, export).", "",
+             "| case | K | Keras s/epoch | tlkit s/epoch | ratio | Keras total s | tlkit total s "
+             "| ratio | Keras val acc | tlkit val acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, views, k_epoch, t_epoch, k_total, t_total, k_acc, t_acc in rows:
+        lines.append(f"| {label} | {views} | {k_epoch:.2f} | {t_epoch:.3f} | "
+                     f"{k_epoch / t_epoch:.1f}x | {k_total:.1f} | {t_total:.1f} | "
+                     f"{k_total / t_total:.1f}x | {k_acc:.3f} | {t_acc:.3f} |")
+    k1 = [r for r in rows if r[1] == 1]
+    per_epoch_ok = all(r[2] / r[3] >= 10 for r in k1)
+    total_ok = all(r[4] / r[5] >= 3 for r in k1)
+    real = [r for r in rows if r[0].startswith("scratch")]
+    accuracy_ok = all(abs(r[6] - r[7]) <= 0.02 for r in real)
+    lines += ["", f"Goals at K=1: per epoch >= 10x: {'met' if per_epoch_ok else 'NOT met'}; "
+                  f"total over {EPOCHS} epochs >= 3x: {'met' if total_ok else 'NOT met'}; "
+                  "accuracy within 2 points (real features): "
+                  f"{'met' if accuracy_ok else 'NOT met'}."]
+    report = "\n".join(lines)
+    print(report)
+    write_section("frozen_stage", report)
+
+
+def _random_weights_file(backbone, size, work):
+    path = work / f"{backbone}-random.weights.h5"
+    if not path.exists():
+        keras.utils.set_random_seed(SEED)
+        build_backbone(backbone, size, "none").save_weights(path)
+    return str(path)
+
+
+if __name__ == "__main__":
+    main()
