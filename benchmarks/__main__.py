@@ -1,0 +1,35 @@
+"""Runs every benchmark, one process each, and prints how long each took.
+
+    python -m benchmarks            # all of them (about 25 minutes on 2 CPU cores)
+    python -m benchmarks jit pipeline
+
+Each script prints its ratios with the raw numbers and rewrites its section of
+benchmarks/RESULTS.md.
+"""
+
+import subprocess
+import sys
+import time
+
+BENCHMARKS = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras",
+              "jit", "transfer_digits")
+
+
+def main(names):
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        sys.exit(f"Unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}.")
+    timings = []
+    for name in names or BENCHMARKS:
+        print(f"=== {name}", flush=True)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"])
+        timings.append((name, time.perf_counter() - started, done.returncode))
+    for name, seconds, code in timings:
+        note = f"  exit {code} (an error, or a goal the script checks was missed)" if code else ""
+        print(f"{name:<18} {seconds / 60:5.1f} min{note}")
+    return 1 if any(code for _, _, code in timings) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
