@@ -75,3 +75,44 @@ def test_unwritable_export_dir_is_a_clear_error(model, tmp_path):
 def test_not_a_tlkit_export_is_a_clear_error(tmp_path):
     with pytest.raises(tlkit.TlkitError, match="is not a tlkit export"):
         tlkit.load(tmp_path)
+
+
+def test_overwrite_replaces_a_version_only_once_the_new_one_is_verified(model, tmp_path,
+                                                                         monkeypatch):
+    first = export_classifier(model, ["a", "b"], tmp_path, "m", image_size=32,
+                              resize="squash", version=3)
+    with pytest.raises(ExportError, match="pass `overwrite`"):
+        export_classifier(model, ["a", "b"], tmp_path, "m", image_size=32, resize="squash",
+                          version=3)
+    other = build_classifier("lenet5", 2, 32)
+
+    def broken(*args, **kwargs):
+        raise ExportError("verification failed")
+
+    monkeypatch.setattr("tlkit.export.verify_export", broken)
+    with pytest.raises(ExportError):
+        export_classifier(other, ["x", "y"], tmp_path, "m", image_size=32, resize="squash",
+                          version=3, overwrite=True)
+    assert tlkit.load(first).class_names == ["a", "b"]  # the old version is untouched
+    monkeypatch.undo()
+
+    replaced = export_classifier(other, ["x", "y"], tmp_path, "m", image_size=32,
+                                 resize="squash", version=3, overwrite=True)
+    assert replaced == first and tlkit.load(replaced).class_names == ["x", "y"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["3"]
+
+
+def test_fit_overwrite_flag(image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from tlkit.cli import main
+
+    folder = image_folder(per_class=4, size=16)
+    args = ["fit", str(folder), "--image-size", "16", "--epochs", "1", "--augment", "none",
+            "--flip", "none", "--export-dir", str(tmp_path / "sm"), "--runs-dir",
+            str(tmp_path / "runs"), "--version", "1", "-q"]
+    runner = CliRunner()
+    assert runner.invoke(main, args).exit_code == 0
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 1 and "already exists" in refused.stderr
+    assert runner.invoke(main, [*args, "--overwrite"]).exit_code == 0

@@ -91,7 +91,9 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
     verbose = config.train.verbose
     keras.utils.set_random_seed(config.seed)
 
-    check_version_free(config.export.export_dir, config.export.name, config.export.version)
+    if not config.export.overwrite:
+        check_version_free(config.export.export_dir, config.export.name,
+                           config.export.version)
     spec = get_backbone(config.model.backbone)
     pretrained = config.model.pretrained
     if config.model.init_from:
@@ -181,6 +183,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                       "run_dir": str(run_dir), "config": config.to_dict()},
             verify_images=data.splits["val"].images[:8],
             model_card=_model_card(config, data, schedule, evaluation),
+            overwrite=config.export.overwrite,
         )
         _write_json(run_dir / "result.json", {"export_path": str(export_path),
                                               "metrics": metrics, "schedule": schedule})

@@ -107,6 +107,9 @@ def main():
 @click.option("--name", help="Model name [default: the data folder's name].")
 @click.option("--version", "version", type=int, help="Export version; refused if it exists "
               "[default: the next free one].")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace an existing --version (the new export is complete and verified "
+              "before the old one goes).")
 @click.option("--runs-dir", type=click.Path(file_okay=False),
               help="Where run folders go [default: runs].")
 @click.option("--cache", type=click.Choice(["auto", "memory", "disk"]),

@@ -171,6 +171,7 @@ class ExportConfig:
     export_dir: str = "saved_models"  # export root: <export_dir>/<name>/<version>/
     name: str = "auto"  # model name; "auto": the data folder's name
     version: int | None = None  # None: the next free integer; an existing one is refused
+    overwrite: bool = False  # replace an existing `version` (atomically, once verified)
     runs_dir: str = "runs"  # run folders: <runs_dir>/<name>/<timestamp>/
 
     def __post_init__(self):
@@ -182,6 +183,7 @@ class ExportConfig:
             )
         if self.version is not None:
             _check_number("version", self.version, 1, integer=True)
+        _check_choice("overwrite", self.overwrite, (True, False))
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ VERIFY_TOLERANCE = 1e-5
 
 
 def export_classifier(model, class_names, export_dir, name, *, image_size, resize,
-                      version=None, metadata=None, verify_images=None, model_card=None):
+                      version=None, metadata=None, verify_images=None, model_card=None,
+                      overwrite=False):
     """Writes `model` as `<export_dir>/<name>/<version>/`, atomically, and returns that path.
 
     Args:
@@ -60,6 +61,8 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         verify_images: a few uint8 images `(n, size, size, 3)` used to check the written
             export against `model`; `None` checks with one mid-grey image.
         model_card: markdown text written as `assets/MODEL_CARD.md`.
+        overwrite: replace an existing `version` (the new one is complete and verified
+            before the old one is moved aside and deleted).
 
     Returns:
         The `pathlib.Path` of the new version folder.
@@ -82,7 +85,8 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
                           "Choose another `--export-dir`.") from None
     version = next_version(parent) if version is None else int(version)
     target = parent / str(version)
-    check_version_free(export_dir, name, version)
+    if not overwrite:
+        check_version_free(export_dir, name, version)
     staging = parent / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
     try:
         _write(model, class_names, staging, image_size, resize,
@@ -92,7 +96,7 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         if verify_images is None:
             verify_images = np.full((1, image_size, image_size, 3), 128, np.uint8)
         verify_export(staging, model, verify_images)
-        os.rename(staging, target)
+        _publish(staging, target)
     except OSError as e:
         raise ExportError(f"Cannot write export {str(target)!r}: {e}") from None
     finally:
@@ -101,13 +105,25 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
     return target
 
 
+def _publish(staging, target):
+    """Renames a finished export into place; an existing one is first moved aside (hidden)
+    and deleted only once the new one is in place."""
+    retired = None
+    if target.exists():
+        retired = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(target, retired)
+    os.rename(staging, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
 def check_version_free(export_dir, name, version):
     """Raises `ExportError` if `<export_dir>/<name>/<version>` exists (never overwritten)."""
     target = Path(export_dir) / name / str(version)
     if version is not None and target.exists():
         raise ExportError(
-            f"Export version {str(target)!r} already exists and is never overwritten. "
-            "Choose another `version` or leave it unset for the next free one."
+            f"Export version {str(target)!r} already exists and is not overwritten. Choose "
+            "another `version`, leave it unset for the next free one, or pass `overwrite`."
         )
 
 

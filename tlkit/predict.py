@@ -1,9 +1,10 @@
 """Prediction from an export: load once, decode files with the training contract, batch.
 
-`load(path)` returns a `Classifier`. Its `predict` decodes files with Pillow and resizes them
-with `tlkit.images` (the rule the model was trained with, so EXIF orientation, TIFF, CMYK and
-16-bit files work as in training), then calls the export's `predict_images` signature in
-batches. A file that cannot be read gets an error entry; the others are still predicted.
+`load(path)` returns a `Classifier`. Its `predict` sends JPEG, PNG, GIF, BMP and WebP files
+in batches through the export's own `serving_default` signature, whose in-graph decoding is
+bit-exact with the training loader's (`tlkit.images`); any other format (TIFF, ...) is decoded
+with Pillow and resized by the same rule, then goes through `predict_images`. A file that
+cannot be read gets an error entry; the others are still predicted.
 """
 
 import os
@@ -62,6 +63,7 @@ class Classifier:
         self.resize = self.metadata["resize"]
         self._saved = tf.saved_model.load(str(self.path))
         self._predict_images = self._saved.signatures["predict_images"]
+        self._serve = self._saved.signatures["serving_default"]
 
     def signature(self, name):
         """One of the export's signatures, by name (see `tlkit.export`).
@@ -112,28 +114,62 @@ class Classifier:
         files = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
         results = [Prediction(str(f)) for f in files]
 
-        def decode(path):
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            for start in range(0, len(files), batch_size):
+                batch = files[start:start + batch_size]
+                for offset, row in enumerate(self._batch_probabilities(batch, pool)):
+                    result = results[start + offset]
+                    if isinstance(row, str):
+                        result.error = row
+                        continue
+                    order = np.argsort(-row, kind="stable")[:top_k]
+                    result.labels = [self.class_names[j] for j in order]
+                    result.probabilities = [float(row[j]) for j in order]
+        return results
+
+    def _batch_probabilities(self, files, pool):
+        """Probabilities (or an error reason) per file. JPEG, PNG, GIF, BMP and WebP bytes go
+        through the export's own `serving_default` in one call (its decoding is bit-exact
+        with Pillow's, and batched); other formats, and every file of a batch the graph
+        refuses, are decoded one by one with Pillow, which also names what is wrong."""
+        blobs = list(pool.map(_read_bytes, files))
+        rows = [None] * len(files)
+        graph = [i for i, blob in enumerate(blobs)
+                 if isinstance(blob, bytes) and blob.startswith(_GRAPH_FORMATS)]
+        if graph:
             try:
-                return load_image(path, self.image_size, self.resize)
+                out = self._serve(image_bytes=tf.constant([blobs[i] for i in graph]))
+                for i, row in zip(graph, out["probabilities"].numpy()):
+                    rows[i] = row
+            except tf.errors.InvalidArgumentError:
+                pass  # a file the graph cannot take: decode the batch file by file below
+
+        def decode(index):
+            try:
+                return load_image(files[index], self.image_size, self.resize)
             except ImageError as e:
                 return e.reason
 
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            for start in range(0, len(files), batch_size):
-                decoded = list(pool.map(decode, files[start:start + batch_size]))
-                good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-                for i, d in enumerate(decoded):
-                    if isinstance(d, str):
-                        results[start + i].error = d
-                if not good:
-                    continue
-                probabilities = self.predict_arrays(np.stack([decoded[i] for i in good]),
-                                                    batch_size)
-                for i, row in zip(good, probabilities):
-                    order = np.argsort(-row, kind="stable")[:top_k]
-                    results[start + i].labels = [self.class_names[j] for j in order]
-                    results[start + i].probabilities = [float(row[j]) for j in order]
-        return results
+        rest = [i for i, row in enumerate(rows) if row is None]
+        decoded = dict(zip(rest, pool.map(decode, rest)))
+        good = [i for i in rest if not isinstance(decoded[i], str)]
+        if good:
+            for i, row in zip(good, self.predict_arrays(np.stack([decoded[i] for i in good]))):
+                rows[i] = row
+        return [decoded[i] if row is None else row for i, row in enumerate(rows)]
+
+
+_GRAPH_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+                  b"RIFF")
+
+
+def _read_bytes(path):
+    """A file's bytes, or None when it cannot be read (Pillow then says why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def expand_inputs(paths):
