@@ -152,6 +152,11 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    write_report(rows)
+
+
+def write_report(rows):
+    """Prints the table and the goals, and writes them to benchmarks/RESULTS.md."""
     lines = ["## Frozen-stage training: cached features vs the Keras guide "
              "(benchmarks/frozen_stage.py)", "", f"Machine: {machine()}.", "",
              f"{EPOCHS} head epochs, batch {BATCH}; K = cached augmented views (tlkit) vs "
@@ -168,12 +173,16 @@ def main():
     k1 = [r for r in rows if r[1] == 1]
     per_epoch_ok = all(r[2] / r[3] >= 10 for r in k1)
     total_ok = all(r[4] / r[5] >= 3 for r in k1)
-    real = [r for r in rows if r[0].startswith("scratch")]
-    accuracy_ok = all(abs(r[6] - r[7]) <= 0.02 for r in real)
     lines += ["", f"Goals at K=1: per epoch >= 10x: {'met' if per_epoch_ok else 'NOT met'}; "
-                  f"total over {EPOCHS} epochs >= 3x: {'met' if total_ok else 'NOT met'}; "
-                  "accuracy within 2 points (real features): "
-                  f"{'met' if accuracy_ok else 'NOT met'}."]
+                  f"total over {EPOCHS} epochs >= 3x: {'met' if total_ok else 'NOT met'}."]
+    for label, views, *_, k_acc, t_acc in rows:
+        if label.startswith("scratch"):  # real features: the accuracies mean something
+            gap = t_acc - k_acc
+            met = "met" if abs(gap) <= 0.02 else "NOT met"
+            lines.append(f"- Accuracy at K={views}: Keras {k_acc:.3f}, tlkit {t_acc:.3f} "
+                         f"({gap:+.3f}; within 2 points: {met}).")
+    lines.append("- ResNet50's random features give chance accuracy both ways; they measure "
+                 "speed only.")
     report = "\n".join(lines)
     print(report)
     write_section("frozen_stage", report)

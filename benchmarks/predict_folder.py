@@ -113,7 +113,8 @@ def main():
         "",
         "Generated photo-like JPEGs (160-400 px a side), models with random weights exported "
         f"by `export_classifier`. tlkit: `tlkit.load(export).predict(files, batch_size={BATCH})`"
-        " (Pillow decode in threads, `predict_images`). Plain TF: `tf.io.read_file` per file, "
+        " (files read in threads, JPEG/PNG bytes batched to `serving_default`, Pillow for "
+        "other formats). Plain TF: `tf.io.read_file` per file, "
         f"batches of {BATCH} encoded images to `serving_default` (decode in the graph). Whole "
         f"folder per timing, export loaded once, warmed up, median of {REPEATS}.",
         "",
