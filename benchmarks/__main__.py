@@ -1,7 +1,7 @@
-"""Runs every benchmark, one process each, and prints how long each took.
+"""Runs the speed benchmarks, one process each, and prints how long each took.
 
-    python -m benchmarks            # all of them (about 25 minutes on 2 CPU cores)
-    python -m benchmarks jit pipeline
+    python -m benchmarks                    # the six speed benchmarks (~12 min, 2 cores)
+    python -m benchmarks transfer_digits    # or any of them by name (this one ~6 min)
 
 Each script prints its ratios with the raw numbers and rewrites its section of
 benchmarks/RESULTS.md.
@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras",
-              "jit", "transfer_digits")
+SPEED = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras", "jit")
+BENCHMARKS = (*SPEED, "transfer_digits")
 
 
 def main(names):
@@ -20,7 +20,7 @@ def main(names):
     if unknown:
         sys.exit(f"Unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}.")
     timings = []
-    for name in names or BENCHMARKS:
+    for name in names or SPEED:
         print(f"=== {name}", flush=True)
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"])

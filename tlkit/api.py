@@ -148,6 +148,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                                    sample_weights=weights, verbose=verbose,
                                    checkpoint_dir=run_dir, resume=state,
                                    epoch_callback=_tensorboard(config, run_dir),
+                                   steps_per_execution=config.train.steps_per_execution,
                                    stage_inputs=_feature_inputs(config, spec, model, data,
                                                                 verbose))
         except KeyboardInterrupt:

@@ -87,6 +87,9 @@ def main():
               "frozen [default: on].")
 @click.option("--cached-views", type=int, help="Augmented views per image in the feature "
               "cache [default: 4 with augmentation, else 1].")
+@click.option("--steps-per-execution", type=click.IntRange(min=1),
+              help="Train steps per call into the graph [default: 8; results are the same, "
+              "only fewer Python round trips].")
 @click.option("--tensorboard", is_flag=True, default=None,
               help="Write TensorBoard logs to the run folder's tensorboard/.")
 @click.option("--class-weight", type=click.Choice(["none", "auto"]),

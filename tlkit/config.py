@@ -141,6 +141,7 @@ class TrainConfig:
     cached_views: int | str = "auto"  # augmented views per image; "auto": 4, 1 unaugmented
     feature_cache_gb: float = 5.0  # size cap of the feature cache folder
     tensorboard: bool = False  # write TensorBoard logs to <run folder>/tensorboard
+    steps_per_execution: int = 8  # train steps per call into the graph (benchmarks/jit.py)
     verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
 
     def __post_init__(self):
@@ -158,6 +159,7 @@ class TrainConfig:
         _check_choice("class_weight", self.class_weight, ("none", "auto"))
         _check_choice("tensorboard", self.tensorboard, (True, False))
         _check_choice("feature_cache", self.feature_cache, (True, False))
+        _check_number("steps_per_execution", self.steps_per_execution, 1, integer=True)
         if self.cached_views != "auto":
             _check_number("cached_views", self.cached_views, 1, 64, integer=True)
         _check_number("feature_cache_gb", self.feature_cache_gb, 0.0)

@@ -76,6 +76,8 @@ class Trainer:
         verbose: 0 silent, 1 progress bar per epoch, 2 one line per epoch.
         jit_compile: compile the train step with XLA (see benchmarks/jit.py for whether it
             pays on a CPU).
+        steps_per_execution: train steps run in one call into the graph (fewer Python
+            round trips; progress then updates every that many steps).
 
     Example:
 
@@ -84,10 +86,12 @@ class Trainer:
     >>> result.best["val_accuracy"]
     """
 
-    def __init__(self, model, verbose=1, jit_compile=False):
+    def __init__(self, model, verbose=1, jit_compile=False, steps_per_execution=1):
+        _check_number("steps_per_execution", steps_per_execution, 1, integer=True)
         self.model = model
         self.verbose = verbose
         self.jit_compile = jit_compile
+        self.steps_per_execution = steps_per_execution
 
     def train_stage(self, train_ds, val_ds, *, epochs, learning_rate, patience=5,
                     name="train", sample_weights=None, resume=None, on_epoch_end=None):
@@ -159,7 +163,6 @@ class Trainer:
         model = self.model
         weights = None if sample_weights is None else tf.constant(sample_weights, tf.float32)
 
-        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile)
         def train_step(images, labels):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
@@ -168,23 +171,56 @@ class Trainer:
                     losses = losses * tf.gather(weights, labels)
                 loss = tf.nn.compute_average_loss(losses)
             optimizer.apply(tape.gradient(loss, variables), variables)
-            return _batch_sums(labels, probabilities, losses)
+            return tf.stack(_batch_sums(labels, probabilities, losses))
 
-        return train_step
+        if self.steps_per_execution == 1:
+            return tf.function(train_step, reduce_retracing=True, jit_compile=self.jit_compile)
+        steps = self.steps_per_execution
+
+        @tf.function(jit_compile=False)
+        def train_steps(iterator):
+            """Up to `steps` train steps in one call: (summed batch sums, steps run)."""
+            totals, count = tf.zeros([3]), tf.constant(0)
+            for _ in tf.range(steps):
+                batch = iterator.get_next_as_optional()
+                if not batch.has_value():
+                    break
+                images, labels = batch.get_value()
+                totals += train_step(images, labels)
+                count += 1
+            return totals, count
+
+        return train_steps
 
     def _run_epoch(self, dataset, step, steps, where):
         progbar = (keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
                    if self.verbose == 1 else None)
-        totals = np.zeros(3)
-        for index, (images, labels) in enumerate(dataset, start=1):
-            _test_pause(*where, index)
-            totals += [float(v) for v in step(images, labels)]
-            if progbar is not None:
-                progbar.update(index, [("loss", totals[0] / totals[2]),
-                                       ("accuracy", totals[1] / totals[2])], finalize=False)
+        totals, index = np.zeros(3), 0
+        if self.steps_per_execution == 1:
+            for index, (images, labels) in enumerate(dataset, start=1):
+                _test_pause(*where, index)
+                totals += step(images, labels).numpy()
+                self._progress(progbar, index, totals)
+        else:
+            iterator = iter(dataset)
+            while True:
+                sums, count = step(iterator)
+                if not int(count):
+                    break
+                for batch in range(index + 1, index + int(count) + 1):
+                    _test_pause(*where, batch)
+                totals += sums.numpy()
+                index += int(count)
+                self._progress(progbar, index, totals)
         if progbar is not None:
             progbar.update(progbar.target or index, finalize=True)
         return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
+
+    @staticmethod
+    def _progress(progbar, index, totals):
+        if progbar is not None:
+            progbar.update(index, [("loss", totals[0] / totals[2]),
+                                   ("accuracy", totals[1] / totals[2])], finalize=False)
 
     def _report(self, name, epoch, epochs, logs):
         if self.verbose:
@@ -417,7 +453,8 @@ def _leaf_layers(model):
 
 def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
                  freeze_batchnorm=True, sample_weights=None, verbose=1, checkpoint_dir=None,
-                 resume=None, epoch_callback=None, stage_inputs=None):
+                 resume=None, epoch_callback=None, stage_inputs=None,
+                 steps_per_execution=1):
     """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
@@ -439,6 +476,7 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         resume: a `tlkit.checkpoint.RunState` to continue from.
         epoch_callback: called with each epoch's logs (and its `step`, the epoch's number
             over all stages) after the epoch, for example to write TensorBoard summaries.
+        steps_per_execution: train steps per call into the graph (see `Trainer`).
         stage_inputs: called with a `Stage` after its layers are frozen; may return
             `(model, train_ds, val_ds)` to train that stage on other inputs (the head on
             cached features, `tlkit.features`), or None for `model` on the datasets.
@@ -477,7 +515,8 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         progress = resume.stage if resume is not None and index == resume.stage_index else None
         inputs = stage_inputs(stage) if stage_inputs is not None else None
         trained, stage_train, stage_val = inputs or (model, train_ds, val_ds)
-        result = Trainer(trained, verbose=verbose).train_stage(
+        trainer = Trainer(trained, verbose=verbose, steps_per_execution=steps_per_execution)
+        result = trainer.train_stage(
             stage_train, stage_val, epochs=stage.epochs, learning_rate=stage.learning_rate,
             patience=patience, name=stage.target, sample_weights=sample_weights,
             resume=progress, on_epoch_end=lambda p, i=index: save(i, p))
