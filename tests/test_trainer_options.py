@@ -29,8 +29,10 @@ def test_several_steps_per_call_give_the_same_training(steps):
     assert history(steps_per_execution=steps) == pytest.approx(history(), rel=1e-6)
 
 
-def test_xla_train_step_trains_alike():
-    assert history(jit_compile=True) == pytest.approx(history(), rel=1e-3, abs=1e-4)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_xla_train_step_trains_alike(steps):
+    assert history(jit_compile=True, steps_per_execution=steps) == pytest.approx(
+        history(), rel=1e-3, abs=1e-4)
 
 
 def test_steps_per_execution_is_checked():

@@ -173,11 +173,13 @@ class Trainer:
             optimizer.apply(tape.gradient(loss, variables), variables)
             return tf.stack(_batch_sums(labels, probabilities, losses))
 
+        if self.jit_compile:
+            train_step = tf.function(train_step, jit_compile=True)
         if self.steps_per_execution == 1:
-            return tf.function(train_step, reduce_retracing=True, jit_compile=self.jit_compile)
+            return tf.function(train_step, reduce_retracing=True)
         steps = self.steps_per_execution
 
-        @tf.function(jit_compile=False)
+        @tf.function
         def train_steps(iterator):
             """Up to `steps` train steps in one call: (summed batch sums, steps run)."""
             totals, count = tf.zeros([3]), tf.constant(0)
