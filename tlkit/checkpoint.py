@@ -10,14 +10,13 @@ kill at any moment leaves either the previous state or the new one, never half o
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tlkit.errors import TlkitError
+from tlkit.files import write_atomically
 from tlkit.training import StageProgress, StageResult
 
 STATE_FILE = "state.npz"
@@ -55,16 +54,7 @@ def save_state(folder, state):
                                        state.stage.best_weights, optimizer_state)):
         for index, value in enumerate(values or []):
             arrays[f"{group}/{index}"] = np.asarray(value)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, folder / STATE_FILE)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(folder / STATE_FILE, lambda f: np.savez(f, **arrays))
 
 
 def load_state(folder):

@@ -18,7 +18,6 @@ and `tlkit cache clear` manage it.
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkit.data import default_cache_dir
+from tlkit.files import write_atomically
 
 FORMAT = 1
 DEFAULT_MAX_BYTES = 5 * 1024**3
@@ -135,14 +135,7 @@ class FeatureCache:
     def put(self, key, array):
         """Stores `array` atomically, then trims the folder to the size cap."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-            os.replace(temporary, self._path(key))
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(self._path(key), lambda f: np.save(f, array, allow_pickle=False))
         self.trim(keep=key)
 
     def entries(self):

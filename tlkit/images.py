@@ -21,11 +21,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from tlkit.config import RESIZE_POLICIES, _check_choice
 from tlkit.errors import ImageError
 
-RESIZE_POLICIES = ("squash", "crop", "pad")
-"""`squash` stretches to a square; `crop` scales the short side and cuts the centre square;
-`pad` scales the long side and pads the rest with black."""
 
 DEFAULT_MAX_PIXELS = 89_478_485
 """Images with more pixels than this are refused (Pillow's own decompression-bomb limit)."""
@@ -34,11 +32,10 @@ _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def check_resize_policy(resize):
-    """Raises `ValueError` unless `resize` is one of `RESIZE_POLICIES`."""
-    if resize not in RESIZE_POLICIES:
-        raise ValueError(
-            f"`resize` must be one of {list(RESIZE_POLICIES)}. Received: resize={resize!r}"
-        )
+    """Raises `ConfigError` (a `ValueError`) unless `resize` is one of `RESIZE_POLICIES`:
+    `squash` stretches to a square; `crop` scales the short side and cuts the centre
+    square; `pad` scales the long side and pads the rest with black."""
+    _check_choice("resize", resize, RESIZE_POLICIES)
 
 
 def decode_file(path, max_pixels=DEFAULT_MAX_PIXELS):
