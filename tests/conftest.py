@@ -1,6 +1,8 @@
 """Shared fixtures: tiny generated image folders, the bundled digits, quiet TensorFlow."""
 
 import os
+import struct
+import zlib
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,3 +54,23 @@ def digits_dir():
     """The bundled sample data set."""
     assert DIGITS.is_dir(), "data/digits is missing"
     return DIGITS
+
+
+@pytest.fixture(scope="session")
+def digits_export(tmp_path_factory):
+    """A small classifier trained on the bundled digits at 16 px and exported:
+    `saved_models/digits/1` under a temporary folder. Shared by the serving tests."""
+    import tlkit
+
+    base = tmp_path_factory.mktemp("digits_export")
+    result = tlkit.fit(DIGITS, flip="none", epochs=3, image_size=16, name="digits",
+                       export_dir=base / "saved_models", runs_dir=base / "runs", verbose=0)
+    return result.export_path
+
+
+def png_header_only(width, height):
+    """A PNG signature and IHDR chunk (valid CRC) claiming a size, with no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)))

@@ -1,14 +1,13 @@
 """The serving graph reads image sizes from headers and refuses decompression bombs."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import png_header_only
 from tlkit.images import decode_bytes, header_size
 
 
@@ -16,14 +15,6 @@ def encoded(fmt, mode, size=(37, 23), **options):
     buffer = io.BytesIO()
     Image.new(mode, size).save(buffer, fmt, **options)
     return buffer.getvalue()
-
-
-def png_header_only(width, height):
-    """A PNG signature and IHDR chunk (valid CRC) claiming a size, with no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)))
 
 
 @pytest.mark.parametrize("fmt, mode, options", [

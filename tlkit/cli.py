@@ -338,6 +338,76 @@ def evaluate(data_dir, model_path, top_k, output_dir, output_format):
         click.echo(f"Reports written to {output_dir}")
 
 
+@main.command()
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
+              help="Export folder (NAME/VERSION, or NAME for its newest) [default: the newest "
+              "export under ./saved_models].")
+@click.option("--name", help="Model name in URLs and gRPC requests [default: the export's "
+              "folder name].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 serves other machines too.")
+@click.option("--port", default=8501, show_default=True, type=click.IntRange(0, 65535),
+              help="REST port (0: any free port).")
+@click.option("--grpc-port", default=8500, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port (0: any free port).")
+@click.option("--no-grpc", is_flag=True, help="Serve REST only (gRPC needs tlkit[serve]).")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most images per forward pass when requests are batched.")
+@click.option("--batch-timeout-ms", default=2.0, show_default=True,
+              type=click.FloatRange(min=0), help="Longest wait of a request for others to "
+              "batch with.")
+@click.option("--max-request-bytes", default=32 * 1024 * 1024, show_default=True,
+              type=click.IntRange(min=1024), help="Largest request body accepted.")
+@_user_errors
+def serve(model_path, name, host, port, grpc_port, no_grpc, max_batch_size, batch_timeout_ms,
+          max_request_bytes):
+    """Serve an export with TF Serving's REST and gRPC APIs (for teams without TF Serving).
+
+    \b
+    REST:  GET  /v1/models/NAME            status
+           GET  /v1/models/NAME/metadata   signatures
+           POST /v1/models/NAME:predict    {"instances": [{"image_bytes": {"b64": "..."}}]}
+           POST /v1/models/NAME:classify   {"examples": [...], "top_k": 3}
+    gRPC:  tensorflow.serving.PredictionService (Predict, Classify, GetModelMetadata) and
+           ModelService (GetModelStatus), as TF Serving's own Python client expects.
+
+    One line per request is logged to stderr. Ctrl-C stops.
+
+    \b
+    Example:
+      tlkit serve --model saved_models/digits
+      curl localhost:8501/v1/models/digits
+    """
+    import logging
+    import signal
+    import threading
+
+    from tlkit.serve import ModelServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+    server = ModelServer(model_path, name=name, host=host, port=port,
+                         grpc_port=None if no_grpc else grpc_port,
+                         max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
+                         max_request_bytes=max_request_bytes).start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    model = server.model
+    click.echo(f"Serving {model.name} version {model.version} ({model.path})")
+    click.echo(f"  REST: {server.rest_url}")
+    if server.grpc_port is not None:
+        click.echo(f"  gRPC: {host}:{server.grpc_port}")
+    click.echo("Ctrl-C stops.")
+    try:
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    click.echo(f"Stopped after {server.stats.requests} requests.")
+
+
 @main.command("inspect")
 @click.option("--backbone", help="A registered backbone (see `tlkit backbones`).")
 @click.option("--image-size", type=int, help="Input side [default: the backbone's].")

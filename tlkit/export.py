@@ -267,3 +267,24 @@ def find_latest_export(export_dir="saved_models"):
             "DATA_DIR` or pass `--model PATH`."
         )
     return max(candidates, key=lambda p: (p / "saved_model.pb").stat().st_mtime)
+
+
+def resolve_export(path=None, export_dir="saved_models"):
+    """The export version folder meant by `path`.
+
+    Args:
+        path: a version folder (`saved_models/NAME/VERSION`), a model folder
+            (`saved_models/NAME`: its highest version), or `None`: the newest export under
+            `export_dir`.
+        export_dir: where to look when `path` is None.
+
+    Returns:
+        A `pathlib.Path`.
+    """
+    if path is None:
+        return find_latest_export(export_dir)
+    path = Path(path)
+    versions = [p for p in path.glob("*") if p.name.isdigit() and (p / "saved_model.pb").exists()]
+    if not (path / "saved_model.pb").exists() and versions:
+        return max(versions, key=lambda p: int(p.name))
+    return path

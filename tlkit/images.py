@@ -28,6 +28,10 @@ from tlkit.errors import ImageError
 DEFAULT_MAX_PIXELS = 89_478_485
 """Images with more pixels than this are refused (Pillow's own decompression-bomb limit)."""
 
+SERVING_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+                   b"RIFF")
+"""How the formats the serving graph decodes begin (JPEG, PNG, GIF, BMP, WebP)."""
+
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 

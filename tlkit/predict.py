@@ -19,8 +19,8 @@ import tensorflow as tf
 from tlkit.config import _check_number
 from tlkit.data import image_extensions
 from tlkit.errors import DataError, ExportError, ImageError
-from tlkit.export import find_latest_export, read_metadata
-from tlkit.images import load_image
+from tlkit.export import read_metadata, resolve_export
+from tlkit.images import SERVING_FORMATS, load_image
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Classifier:
         blobs = list(pool.map(_read_bytes, files))
         rows = [None] * len(files)
         graph = [i for i, blob in enumerate(blobs)
-                 if isinstance(blob, bytes) and blob.startswith(_GRAPH_FORMATS)]
+                 if isinstance(blob, bytes) and blob.startswith(SERVING_FORMATS)]
         if graph:
             try:
                 out = self._serve(image_bytes=tf.constant([blobs[i] for i in graph]))
@@ -157,10 +157,6 @@ class Classifier:
             for i, row in zip(good, self.predict_arrays(np.stack([decoded[i] for i in good]))):
                 rows[i] = row
         return [decoded[i] if row is None else row for i, row in enumerate(rows)]
-
-
-_GRAPH_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
-                  b"RIFF")
 
 
 def _read_bytes(path):
@@ -213,10 +209,4 @@ def load(path=None, export_dir="saved_models"):
     >>> classifier = tlkit.load("saved_models/digits/1")
     >>> classifier.predict("photo.png", top_k=3)[0].label
     """
-    if path is None:
-        path = find_latest_export(export_dir)
-    path = Path(path)
-    versions = [p for p in path.glob("*") if p.name.isdigit() and (p / "saved_model.pb").exists()]
-    if not (path / "saved_model.pb").exists() and versions:
-        path = max(versions, key=lambda p: int(p.name))
-    return Classifier(path)
+    return Classifier(resolve_export(path, export_dir))
