@@ -30,6 +30,7 @@ _LAZY = {
     "load": "tlkit.predict",
     "Classifier": "tlkit.predict",
     "Prediction": "tlkit.predict",
+    "export_tflite": "tlkit.tflite",
     "FitConfig": "tlkit.config",
     "build_config": "tlkit.config",
     "build_classifier": "tlkit.models",

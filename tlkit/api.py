@@ -9,6 +9,7 @@ writes the run folder, so a Python user can replace any step.
 
 import csv
 import datetime
+import itertools
 import json
 import os
 import time
@@ -28,7 +29,7 @@ from tlkit.doctor import split_leaks
 from tlkit.checkpoint import clear_state, load_state
 from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.evaluate import evaluate_arrays
-from tlkit.export import check_version_free, export_classifier
+from tlkit.export import CALIBRATION_IMAGES, check_version_free, export_classifier
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation)
 from tlkit.plots import plot_history
@@ -183,6 +184,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                       "data": {n: len(s) for n, s in data.splits.items()},
                       "run_dir": str(run_dir), "config": config.to_dict()},
             verify_images=data.splits["val"].images[:8],
+            calibration_images=_calibration_sample(data.splits["train"], config.seed),
             model_card=_model_card(config, data, schedule, evaluation),
             overwrite=config.export.overwrite,
         )
@@ -362,6 +364,16 @@ def _model_card(config, data, schedule, evaluation):
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_sample(split, seed):
+    """Up to `CALIBRATION_IMAGES` images of `split` for int8 calibration: one per class in
+    turn, each class's images in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    queues = [rng.permutation(np.flatnonzero(split.labels == label))
+              for label in np.unique(split.labels)]
+    turns = [i for turn in itertools.zip_longest(*queues) for i in turn if i is not None]
+    return np.asarray(split.cache.array[split.indices[turns[:CALIBRATION_IMAGES]]])
 
 
 def _evaluation_summary(report):

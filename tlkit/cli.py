@@ -338,6 +338,43 @@ def evaluate(data_dir, model_path, top_k, output_dir, output_format):
         click.echo(f"Reports written to {output_dir}")
 
 
+@main.command("export-tflite")
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
+              help="Export folder (NAME/VERSION, or NAME for its newest) [default: the newest "
+              "export under ./saved_models].")
+@click.option("--quantize", default="none", show_default=True,
+              type=click.Choice(["none", "dynamic", "float16", "int8"]),
+              help="none: float32; dynamic: int8 weights; float16: float16 weights; int8: "
+              "full integer, uint8 pixels in.")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Folder for the files [default: EXPORT_ROOT/NAME/tflite/VERSION].")
+@click.option("--calibration-data", type=click.Path(exists=True, file_okay=False),
+              help="int8: calibrate on this folder of images instead of the training sample "
+              "recorded in the export.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file of this mode.")
+@_user_errors
+def export_tflite(model_path, quantize, output_dir, calibration_data, overwrite):
+    """Convert an export's predict_images signature to a TFLite model for devices.
+
+    Writes model-MODE.tflite, model-MODE.json (input dtype and quantisation, image size,
+    resize policy, classes) and labels.txt. The model takes decoded, resized pixels 0..255
+    (float32, or uint8 with --quantize int8); needs `pip install ai-edge-litert`.
+
+    \b
+    Example:
+      tlkit export-tflite --model saved_models/digits/1 --quantize int8
+      tlkit export-tflite --quantize float16 --output-dir app/models
+    """
+    from tlkit.tflite import export_tflite as run_export, read_tflite_metadata
+
+    path = run_export(model_path, quantize=quantize, output_dir=output_dir,
+                      calibration_data=calibration_data, overwrite=overwrite)
+    info = read_tflite_metadata(path)
+    variables = info["source"]["variables_bytes"]
+    click.echo(f"{path}\n{info['bytes'] / 1024:.1f} KiB, {info['bytes'] / variables:.0%} of "
+               f"the SavedModel's variables ({variables / 1024:.1f} KiB)")
+
+
 @main.command()
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
               help="Export folder (NAME/VERSION, or NAME for its newest) [default: the newest "

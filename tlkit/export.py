@@ -3,6 +3,10 @@
 Layout (TF Serving's): `<export_dir>/<name>/<version>/` holding `saved_model.pb`,
 `variables/` and `assets/` with `labels.txt` (one class per line, in index order) and
 `tlkit.json` (metadata: backbone, image size, resize policy, class names, metrics, versions).
+An export written by `tlkit fit` also carries `assets.extra/calibration.npz`: up to 100 training
+images (uint8 `(n, size, size, 3)` under the key `images`, taken from each class in turn), the
+sample `tlkit.tflite` calibrates int8 quantisation on. `assets.extra/` is TF Serving's folder
+for files that are not part of the graph; loading the SavedModel ignores it.
 
 Signatures:
 
@@ -39,13 +43,15 @@ from tlkit.images import DEFAULT_MAX_PIXELS, decode_bytes, resize_image
 METADATA_FILE = "tlkit.json"
 LABELS_FILE = "labels.txt"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+CALIBRATION_FILE = "assets.extra/calibration.npz"
+CALIBRATION_IMAGES = 100
 FORMAT_VERSION = 1
 VERIFY_TOLERANCE = 1e-5
 
 
 def export_classifier(model, class_names, export_dir, name, *, image_size, resize,
                       version=None, metadata=None, verify_images=None, model_card=None,
-                      overwrite=False):
+                      calibration_images=None, overwrite=False):
     """Writes `model` as `<export_dir>/<name>/<version>/`, atomically, and returns that path.
 
     Args:
@@ -61,6 +67,8 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         verify_images: a few uint8 images `(n, size, size, 3)` used to check the written
             export against `model`; `None` checks with one mid-grey image.
         model_card: markdown text written as `assets/MODEL_CARD.md`.
+        calibration_images: uint8 images `(n, size, size, 3)` from the training data, written
+            as `assets.extra/calibration.npz` for int8 quantisation (`tlkit.tflite`).
         overwrite: replace an existing `version` (the new one is complete and verified
             before the old one is moved aside and deleted).
 
@@ -77,6 +85,8 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
             f"`class_names` must have one name per model output ({model.output_shape[-1]}). "
             f"Received: {len(class_names)} names"
         )
+    if calibration_images is not None:
+        calibration_images = _check_calibration_images(calibration_images, image_size)
     parent = Path(export_dir) / name
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +98,14 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
     if not overwrite:
         check_version_free(export_dir, name, version)
     staging = parent / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    calibration_count = 0 if calibration_images is None else len(calibration_images)
     try:
         _write(model, class_names, staging, image_size, resize,
-               {**(metadata or {}), "name": name, "version": version})
+               {**(metadata or {}), "name": name, "version": version,
+                "calibration_images": calibration_count})
+        if calibration_count:
+            (staging / CALIBRATION_FILE).parent.mkdir()
+            np.savez_compressed(staging / CALIBRATION_FILE, images=calibration_images)
         if model_card:
             (staging / "assets" / MODEL_CARD_FILE).write_text(model_card)
         if verify_images is None:
@@ -103,6 +118,33 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_calibration_images(images, image_size):
+    """`images` as a uint8 array `(n >= 1, size, size, 3)`, or raises `ExportError`."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3) \
+            or not len(images):
+        raise ExportError(f"`calibration_images` must be uint8 images (n, {image_size}, "
+                          f"{image_size}, 3). Received: dtype={images.dtype}, "
+                          f"shape={images.shape}")
+    return images
+
+
+def read_calibration_images(path):
+    """The calibration sample an export carries (uint8 `(n, size, size, 3)`), or None.
+
+    Raises:
+        ExportError: if `assets.extra/calibration.npz` exists but cannot be read.
+    """
+    calibration = Path(path) / CALIBRATION_FILE
+    if not calibration.is_file():
+        return None
+    try:
+        with np.load(calibration, allow_pickle=False) as saved:
+            return saved["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"Cannot read {str(calibration)!r}: {e}") from None
 
 
 def _publish(staging, target):
