@@ -1,6 +1,6 @@
 """Runs the speed benchmarks, one process each, and prints how long each took.
 
-    python -m benchmarks                    # the six speed benchmarks (~12 min, 2 cores)
+    python -m benchmarks                    # the seven speed benchmarks (~14 min, 2 cores)
     python -m benchmarks transfer_digits    # or any of them by name (this one ~6 min)
 
 Each script prints its ratios with the raw numbers and rewrites its section of
@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 
-SPEED = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras", "jit")
+SPEED = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras", "jit",
+         "serve")
 BENCHMARKS = (*SPEED, "transfer_digits")
 
 

@@ -313,7 +313,7 @@ def test_tlkit_serve_command_serves_logs_and_stops_on_sigint(digits_export, expe
     finally:
         process.kill()
     assert process.returncode == 0, err
-    assert "Stopped after 1 requests." in out
+    assert "Stopped after 1 requests (1 images in 1 forward passes)." in out
     logged = [line for line in err.splitlines() if " rest POST /v1/models/digits:predict 200 1 "
               "image(s) " in line]
     assert len(logged) == 1, err

@@ -442,7 +442,9 @@ def serve(model_path, name, host, port, grpc_port, no_grpc, max_batch_size, batc
         pass
     finally:
         server.stop()
-    click.echo(f"Stopped after {server.stats.requests} requests.")
+    stats = server.stats
+    click.echo(f"Stopped after {stats.requests} requests ({stats.images} images in "
+               f"{stats.batches} forward passes).")
 
 
 @main.command("inspect")
