@@ -1,7 +1,7 @@
 """Runs the speed benchmarks, one process each, and prints how long each took.
 
     python -m benchmarks                    # the seven speed benchmarks (~14 min, 2 cores)
-    python -m benchmarks transfer_digits    # or any of them by name (this one ~6 min)
+    python -m benchmarks transfer_digits    # or any of them by name (this one ~7-10 min)
 
 Each script prints its ratios with the raw numbers and rewrites its section of
 benchmarks/RESULTS.md.
