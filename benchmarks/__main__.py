@@ -1,6 +1,6 @@
 """Runs the speed benchmarks, one process each, and prints how long each took.
 
-    python -m benchmarks                    # the seven speed benchmarks (~14 min, 2 cores)
+    python -m benchmarks                    # the eight speed benchmarks (~18 min, 2 cores)
     python -m benchmarks transfer_digits    # or any of them by name (this one ~7-10 min)
 
 Each script prints its ratios with the raw numbers and rewrites its section of
@@ -12,7 +12,7 @@ import sys
 import time
 
 SPEED = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras", "jit",
-         "serve")
+         "serve", "distribute")
 BENCHMARKS = (*SPEED, "transfer_digits")
 
 

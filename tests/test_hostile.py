@@ -15,7 +15,7 @@ from corpus import build_corpus
 # Runs `tlkit fit` in a fresh process. As root every file is readable, so the process makes
 # one file unreadable the way the kernel would for another user, then reports its peak RSS.
 RUNNER = """
-import builtins, json, os, resource, sys
+import builtins, json, os, sys
 from pathlib import Path
 locked = Path(os.environ["TLKIT_TEST_LOCKED"])
 real_open = builtins.open
@@ -29,7 +29,10 @@ from tlkit.cli import main
 try:
     main(sys.argv[1:], standalone_mode=False)
 finally:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this program's own peak: ru_maxrss would also count the parent's peak,
+    # which Linux carries over into a child started with vfork or fork and exec.
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM:"))) * 1024
     Path(os.environ["TLKIT_TEST_PEAK"]).write_text(json.dumps(peak))
 """
 

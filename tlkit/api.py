@@ -27,11 +27,14 @@ from tlkit.config import FitConfig, build_config
 from tlkit.data import load_image_data, make_dataset
 from tlkit.doctor import split_leaks
 from tlkit.checkpoint import clear_state, load_state
+from tlkit.distribute import (agreed_resume_point, check_agreement, check_batch_size,
+                              chief_text, connect, failures, for_training, precision_policy,
+                              worker_folder, worker_index)
 from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.evaluate import evaluate_arrays
 from tlkit.export import CALIBRATION_IMAGES, check_version_free, export_classifier
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
-                          load_for_continuation)
+                          load_for_continuation, copy_classifier)
 from tlkit.plots import plot_history
 from tlkit.training import (HEAD, adapt_batchnorm_momentum, evaluate, parse_stages,
                             plan_stages, run_schedule)
@@ -45,7 +48,7 @@ class FitResult:
 
     config: FitConfig  # the resolved settings
     run_dir: Path  # run folder: config.json, data.json, history, curves.png, model.keras
-    export_path: Path  # the SavedModel version folder
+    export_path: Path | None  # the SavedModel version folder (None on a non-chief worker)
     history: list  # one dict per epoch
     metrics: dict  # "val" (and "test") -> {"loss", "accuracy"} of the kept weights
     model: keras.Model  # the trained Keras model
@@ -69,11 +72,15 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
             `seed=42`.
 
     Returns:
-        A `FitResult` with the run folder, the export path, the history and the metrics.
+        A `FitResult` with the run folder, the export path, the history and the metrics. In
+        a multi-worker run (`distribute`, see `tlkit.distribute`) only the chief evaluates
+        and exports; the other workers return no export path and no metrics.
 
     Raises:
         Interrupted: on Ctrl-C, after the last completed epoch was saved; the message says
             how to resume.
+        ClusterError: in a multi-worker run, when a worker dies, stops answering or has
+            other data; the message says how to resume.
 
     Example:
 
@@ -90,9 +97,12 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
         run_dir, state = None, None
     config = config.resolve()
     verbose = config.train.verbose
+    cluster = connect(config.train.distribute)  # before any other TensorFlow operation
+    check_batch_size(cluster, config.data.batch_size)
+    policy = precision_policy(config.train.mixed_precision)
     keras.utils.set_random_seed(config.seed)
 
-    if not config.export.overwrite:
+    if cluster.is_chief and not config.export.overwrite:
         check_version_free(config.export.export_dir, config.export.name,
                            config.export.version)
     spec = get_backbone(config.model.backbone)
@@ -113,27 +123,24 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                 f"{config.data.data_dir}` lists them.")
         if verbose:
             print(data.summary())
-        if run_dir is None:
-            run_dir = _make_run_dir(config)
-            config.save(run_dir / "config.json")
-            _write_json(run_dir / "data.json", data.report())
-            _write_splits(run_dir / "splits.csv", data)
-            (run_dir / "labels.txt").write_text("".join(f"{c}\n" for c in data.class_names))
-        else:
-            _check_same_splits(run_dir, data)
-
         if config.model.init_from:
             model = extend_classifier(previous, previous_classes, data.class_names,
                                       config.model.dropout)
-            backbone = model.get_layer("backbone")
         else:
             model = build_classifier(spec.name, data.num_classes, config.data.image_size,
                                      config.model.dropout, backbone_model=backbone)
-        groups = unfreeze_groups(spec, backbone)
-        stages = _schedule(config, [name for name, _ in groups], pretrained)
+        if cluster.workers > 1:
+            check_agreement(cluster, _worker_fingerprint(config, data, model))
+        run_dir, own_dir, state = _open_run_folder(cluster, config, data, run_dir, state)
         if not pretrained:
             steps = -(-len(data.splits["train"]) // config.data.batch_size)
             adapt_batchnorm_momentum(model, steps)
+        trained = for_training(model, cluster, policy)
+        groups = unfreeze_groups(spec, trained.get_layer("backbone"))
+        stages = _schedule(config, [name for name, _ in groups], pretrained)
+        if verbose:
+            print(cluster.describe(config.data.batch_size, config.train.learning_rate, policy,
+                                   config.train.jit))
         augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed)
         batch = config.data.batch_size
         train_ds = make_dataset(data.splits["train"], batch, shuffle=True, seed=config.seed,
@@ -143,21 +150,31 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
         if config.train.class_weight == "auto":
             weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
         try:
-            results = run_schedule(model, groups, stages, train_ds, val_ds,
-                                   patience=config.train.patience,
-                                   freeze_batchnorm=pretrained and not config.model.train_bn,
-                                   sample_weights=weights, verbose=verbose,
-                                   checkpoint_dir=run_dir, resume=state,
-                                   epoch_callback=_tensorboard(config, run_dir),
-                                   steps_per_execution=config.train.steps_per_execution,
-                                   stage_inputs=_feature_inputs(config, spec, model, data,
-                                                                verbose))
+            with failures(cluster, run_dir):
+                results = run_schedule(
+                    trained, groups, stages, train_ds, val_ds, patience=config.train.patience,
+                    freeze_batchnorm=pretrained and not config.model.train_bn,
+                    sample_weights=weights, verbose=verbose, checkpoint_dir=own_dir,
+                    resume=state,
+                    epoch_callback=_tensorboard(config, run_dir) if cluster.is_chief else None,
+                    steps_per_execution=config.train.steps_per_execution,
+                    jit_compile=config.train.jit == "on", strategy=cluster.strategy,
+                    keep_previous_state=cluster.workers > 1,
+                    stage_inputs=_feature_inputs(config, spec, trained, data, verbose))
         except KeyboardInterrupt:
             raise Interrupted(
                 "Training interrupted; every completed epoch is saved in "
                 f"{str(run_dir)!r}. Resume with: tlkit fit --resume {run_dir}"
             ) from None
         history = [epoch for result in results for epoch in result.history]
+        if trained is not model:  # a plain float32 copy evaluates and exports
+            model = copy_classifier(trained)
+        if not cluster.is_chief:
+            clear_state(own_dir)
+            if verbose:
+                print(f"Worker {cluster.worker} done; the chief (worker 0) evaluates, writes "
+                      f"the run folder {run_dir} and exports.")
+            return FitResult(config, run_dir, None, history, {}, model)
         metrics = {name: evaluate(model, make_dataset(data.splits[name], batch))
                    for name in ("val", "test") if name in data.splits}
         schedule = _schedule_report(results)
@@ -167,7 +184,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
             for name in ("val", "test") if name in data.splits}
 
         model.save(run_dir / "model.keras")
-        backbone.save_weights(run_dir / BACKBONE_WEIGHTS)
+        model.get_layer("backbone").save_weights(run_dir / BACKBONE_WEIGHTS)
         _write_json(run_dir / "schedule.json", schedule)
         _write_json(run_dir / "history.json", history)
         _write_csv(run_dir / "history.csv", history)
@@ -184,8 +201,8 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                       "data": {n: len(s) for n, s in data.splits.items()},
                       "run_dir": str(run_dir), "config": config.to_dict()},
             verify_images=data.splits["val"].images[:8],
-            calibration_images=_calibration_sample(data.splits["train"], config.seed),
             model_card=_model_card(config, data, schedule, evaluation),
+            calibration_images=_calibration_sample(data.splits["train"], config.seed),
             overwrite=config.export.overwrite,
         )
         _write_json(run_dir / "result.json", {"export_path": str(export_path),
@@ -213,20 +230,74 @@ def _resumable_run(resume, data_dir, config, options):
             "`resume` continues a run with its own saved settings; give no other settings "
             f"(only `verbose`). Received: {['data_dir'] * (data_dir is not None) + extra}"
         )
-    if not (run_dir / "config.json").is_file():
+    own_dir = worker_folder(run_dir, worker_index())
+    if not (own_dir / "config.json").is_file():
         raise ConfigError(f"`resume` must be a tlkit run folder (with config.json). "
                           f"Received: resume={str(run_dir)!r}")
     if (run_dir / "result.json").exists():
         raise ConfigError(f"Run {str(run_dir)!r} already finished (result.json exists); "
                           "there is nothing to resume.")
-    state = load_state(run_dir)
+    state = load_state(own_dir) or load_state(own_dir, previous=True)
     if state is None:
         raise ConfigError(f"Run {str(run_dir)!r} has no saved state: it stopped before its "
                           "first epoch ended. Start it again instead.")
-    config = FitConfig.load(run_dir / "config.json")
+    config = FitConfig.load(own_dir / "config.json")
     if options.get("verbose") is not None:
         config = build_config(config, verbose=options["verbose"])
     return run_dir, config, state
+
+
+def _open_run_folder(cluster, config, data, run_dir, state):
+    """Makes the run folder of a new run, or checks the one resumed. The chief makes it and
+    names it for every worker; each other worker keeps its config, split and resume state
+    in its own folder in it (`tlkit.distribute.worker_folder`).
+
+    Returns:
+        `(run folder, this worker's folder, state to resume from or None)`.
+    """
+    if run_dir is not None:
+        own_dir = worker_folder(run_dir, cluster.worker)
+        _check_same_splits(own_dir, data)
+        if cluster.workers > 1:
+            states = [s for s in (load_state(own_dir), load_state(own_dir, previous=True))
+                      if s is not None]
+            point = agreed_resume_point(cluster, [(s.stage_index, s.epochs_done)
+                                                  for s in states])
+            state = next(s for s in states if (s.stage_index, s.epochs_done) == point)
+        return run_dir, own_dir, state
+    run_dir = _make_run_dir(config) if cluster.is_chief else None
+    if cluster.workers > 1:
+        name = chief_text(cluster, run_dir.name if run_dir else "")
+        run_dir = Path(config.export.runs_dir) / config.export.name / name
+    own_dir = worker_folder(run_dir, cluster.worker)
+    own_dir.mkdir(parents=True, exist_ok=True)
+    config.save(own_dir / "config.json")
+    _write_splits(own_dir / "splits.csv", data)
+    if cluster.is_chief:
+        _write_json(run_dir / "data.json", data.report())
+        (run_dir / "labels.txt").write_text("".join(f"{c}\n" for c in data.class_names))
+    return run_dir, own_dir, None
+
+
+_PER_HOST = {"data": ("data_dir", "val_dir", "cache", "cache_dir", "workers"),
+             "model": ("weights", "init_from"), "train": ("verbose", "tensorboard")}
+
+
+def _worker_fingerprint(config, data, model):
+    """What every worker of a multi-worker run must share, by name, for
+    `tlkit.distribute.check_agreement`: paths and per-host settings left out."""
+    from tlkit.features import weights_digest
+
+    settings = {**config.to_dict(), "export": None}
+    for section, keys in _PER_HOST.items():
+        settings[section] = {k: v for k, v in settings[section].items() if k not in keys}
+    items = {"class names": "\n".join(data.class_names)}
+    for name, split in data.splits.items():
+        items[f"{name} split"] = "\n".join(f"{digest} {label}" for digest, label in
+                                          zip(split.digests, split.labels))
+    items["settings"] = json.dumps(settings, sort_keys=True)
+    items["initial weights"] = weights_digest(model)
+    return items
 
 
 def _check_same_splits(run_dir, data):
@@ -259,7 +330,8 @@ def _feature_inputs(config, spec, model, data, verbose):
                          else None, config.train.feature_cache_gb * 1024**3)
     settings = dict(backbone_name=spec.name, image_size=config.data.image_size,
                     resize=config.data.resize, preprocessing=spec.preprocessing,
-                    augment=config.model.augment, flip=config.model.flip)
+                    augment=config.model.augment, flip=config.model.flip,
+                    dtype_policy=model.get_layer("backbone").dtype_policy.name)
     batch = config.data.batch_size
     # Its own augmenter: the training augmenter's random state must not depend on whether
     # the features were computed or found in the cache.

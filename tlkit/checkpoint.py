@@ -6,10 +6,15 @@ instead: the stage and epoch reached, the weights, the optimizer's variables, th
 weights and early-stopping counter, the weights to roll back to, and the history. It is one
 `.npz` file in the run folder, written to a temporary name and renamed over the old one, so a
 kill at any moment leaves either the previous state or the new one, never half of one.
+
+A multi-worker run also keeps each worker's state of the epoch before (`state.previous.npz`):
+workers stopped by a failure may have saved one epoch apart, and then resume together from
+the earlier one (`tlkit.distribute.agreed_resume_point`).
 """
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from tlkit.files import write_atomically
 from tlkit.training import StageProgress, StageResult
 
 STATE_FILE = "state.npz"
+PREVIOUS_STATE_FILE = "state.previous.npz"
 _GROUPS = ("current", "rollback", "stage_best", "optimizer")
 
 
@@ -40,8 +46,14 @@ class RunState:
         return sum(len(r.history) for r in self.finished) + self.stage.epoch
 
 
-def save_state(folder, state):
-    """Writes `state` to `<folder>/state.npz` atomically (temporary file, then rename)."""
+def save_state(folder, state, keep_previous=False):
+    """Writes `state` to `<folder>/state.npz` atomically (temporary file, then rename).
+
+    Args:
+        folder: the run folder (or a worker's folder).
+        state: a `RunState`.
+        keep_previous: first rename the state saved before to `state.previous.npz`.
+    """
     folder = Path(folder)
     meta = {"stage_index": state.stage_index, "best": state.best,
             "finished": [dataclasses.asdict(r) for r in state.finished],
@@ -54,16 +66,22 @@ def save_state(folder, state):
                                        state.stage.best_weights, optimizer_state)):
         for index, value in enumerate(values or []):
             arrays[f"{group}/{index}"] = np.asarray(value)
+    if keep_previous and (folder / STATE_FILE).exists():
+        os.replace(folder / STATE_FILE, folder / PREVIOUS_STATE_FILE)
     write_atomically(folder / STATE_FILE, lambda f: np.savez(f, **arrays))
 
 
-def load_state(folder):
+def load_state(folder, previous=False):
     """Reads the state saved in a run folder, or returns None if there is none.
+
+    Args:
+        folder: the run folder (or a worker's folder).
+        previous: read the state of the epoch before (`save_state(keep_previous=True)`).
 
     Raises:
         TlkitError: if the state file exists but cannot be read.
     """
-    path = Path(folder) / STATE_FILE
+    path = Path(folder) / (PREVIOUS_STATE_FILE if previous else STATE_FILE)
     if not path.exists():
         return None
     try:
@@ -86,4 +104,5 @@ def load_state(folder):
 
 def clear_state(folder):
     """Removes the saved state of a finished run."""
-    (Path(folder) / STATE_FILE).unlink(missing_ok=True)
+    for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+        (Path(folder) / name).unlink(missing_ok=True)

@@ -22,6 +22,8 @@ AUGMENT_PRESETS = ("none", "light", "standard", "heavy")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 CACHE_MODES = ("auto", "memory", "disk")
 RESIZE_POLICIES = ("squash", "crop", "pad")
+DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
+JIT_MODES = ("auto", "on", "off")
 
 
 def _paths_to_str(config, *names):
@@ -142,6 +144,9 @@ class TrainConfig:
     feature_cache_gb: float = 5.0  # size cap of the feature cache folder
     tensorboard: bool = False  # write TensorBoard logs to <run folder>/tensorboard
     steps_per_execution: int = 8  # train steps per call into the graph (benchmarks/jit.py)
+    distribute: str = "auto"  # none | mirrored (this machine's GPUs) | multi-worker (TF_CONFIG)
+    mixed_precision: bool = False  # compute in float16 (GPU) or bfloat16 (CPU); output float32
+    jit: str = "auto"  # XLA for the train step: on | off; "auto": on with a GPU, unless distributed
     verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
 
     def __post_init__(self):
@@ -160,6 +165,9 @@ class TrainConfig:
         _check_choice("tensorboard", self.tensorboard, (True, False))
         _check_choice("feature_cache", self.feature_cache, (True, False))
         _check_number("steps_per_execution", self.steps_per_execution, 1, integer=True)
+        _check_choice("distribute", self.distribute, DISTRIBUTE_MODES)
+        _check_choice("mixed_precision", self.mixed_precision, (True, False))
+        _check_choice("jit", self.jit, JIT_MODES)
         if self.cached_views != "auto":
             _check_number("cached_views", self.cached_views, 1, 64, integer=True)
         _check_number("feature_cache_gb", self.feature_cache_gb, 0.0)
@@ -264,6 +272,7 @@ class FitConfig:
                     "meaningless: use 'all:EPOCHS@LR' stages or pretrained `weights`. "
                     f"Received: stages={train.stages!r}"
                 )
+        train = _resolve_devices(train)
         if export.name == "auto":
             name = Path(data.data_dir).resolve().name or "model"
             export = dataclasses.replace(export, name=name)
@@ -301,6 +310,17 @@ class FitConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"Cannot read config file {str(path)!r}: {e}") from None
         return cls.from_dict(values)
+
+
+def _resolve_devices(train):
+    """Resolves `distribute` and `jit` for this machine, and checks that it can run
+    `mixed_precision` (see `tlkit.distribute`)."""
+    from tlkit.distribute import precision_policy, resolve_distribute, resolve_jit
+
+    distribute = resolve_distribute(train.distribute)
+    precision_policy(train.mixed_precision)
+    return dataclasses.replace(train, distribute=distribute,
+                               jit=resolve_jit(train.jit, distribute))
 
 
 def _check_keys(where, values, allowed):

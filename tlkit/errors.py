@@ -32,3 +32,7 @@ class ExportError(TlkitError):
 
 class WeightsError(TlkitError):
     """Backbone weights cannot be loaded or downloaded."""
+
+
+class ClusterError(TlkitError):
+    """A multi-worker run cannot go on: a worker died, stopped answering, or differs."""

@@ -154,6 +154,45 @@ def build_classifier(backbone, num_classes, image_size, dropout=None, weights="n
     return keras.Model(inputs, outputs, name=f"tlkit_{spec.name}")
 
 
+def copy_classifier(model, dtype_policy="float32"):
+    """A copy of a tlkit classifier with the same weights, built in the current
+    `tf.distribute` scope (so its variables belong to that strategy).
+
+    Args:
+        model: a tlkit classifier (functional, tlkit and Keras layers only).
+        dtype_policy: the Keras dtype policy its layers compute in: `"float32"`,
+            `"mixed_bfloat16"` or `"mixed_float16"`. The `predictions` layer stays float32
+            whatever the policy, so that the softmax and the loss are computed in float32
+            (Keras's mixed-precision rule for the output layer); variables are float32
+            under every policy.
+
+    Returns:
+        The new `keras.Model`, its layers' `trainable` flags as in `model`.
+
+    Example:
+
+    >>> mixed = copy_classifier(model, "mixed_bfloat16")
+    >>> mixed.get_layer("backbone").compute_dtype, mixed.get_layer("predictions").compute_dtype
+    ('bfloat16', 'float32')
+    """
+    copy = keras.Model.from_config(_with_policy(model.get_config(), dtype_policy))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _with_policy(config, policy, layer=None):
+    """`config` with every dtype policy set to `policy`, except the `predictions` layer's."""
+    if isinstance(config, list):
+        return [_with_policy(item, policy, layer) for item in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") == "DTypePolicy" and layer != "predictions":
+        return {**config, "config": {**config["config"], "name": policy}}
+    name = config.get("name")
+    layer = name if isinstance(name, str) else layer
+    return {key: _with_policy(value, policy, layer) for key, value in config.items()}
+
+
 def load_keras_model(path):
     """Loads a tlkit `.keras` file in Keras's safe mode (no arbitrary code is run).
 

@@ -1,10 +1,10 @@
 """The trainer: one step function, early stopping with best weights, a history per epoch.
 
-tlkit runs its own loop instead of `model.fit`: the train step is a `tf.function` that can be
-run directly or through `strategy.run` (Keras 3's `fit` fails under
+tlkit runs its own loop instead of `model.fit`: every step runs through `strategy.run`, with
+TensorFlow's default strategy when there is no other (Keras 3's `fit` fails under
 MultiWorkerMirroredStrategy, keras-team/keras#20585), and the loop owns its state (epoch,
-best weights, patience counter, history), so staged schedules and resuming can build on it.
-Progress uses Keras's `Progbar`.
+best weights, patience counter, history), so staged schedules and resuming can build on it,
+on one device or many (`tlkit.distribute`). Progress uses Keras's `Progbar`.
 """
 
 import math
@@ -71,13 +71,21 @@ class StageResult:
 class Trainer:
     """Trains a Keras classifier with sparse categorical cross-entropy and Adam.
 
+    Every step runs through `strategy.run` on a distributed dataset, whatever the strategy:
+    with none given, it is TensorFlow's default strategy (this process, its default
+    device), so single-device, multi-GPU and multi-worker training share one code path.
+    The batch size of the datasets is the global batch: each replica gets its share.
+
     Args:
-        model: a `keras.Model` that outputs class probabilities.
+        model: a `keras.Model` that outputs class probabilities, built inside
+            `strategy.scope()` (see `tlkit.distribute.for_training`).
         verbose: 0 silent, 1 progress bar per epoch, 2 one line per epoch.
-        jit_compile: compile the train step with XLA (see benchmarks/jit.py for whether it
-            pays on a CPU).
+        jit_compile: compile the forward and backward pass with XLA (see benchmarks/jit.py
+            for whether it pays on a CPU); the gradient all-reduce and the update run
+            outside XLA.
         steps_per_execution: train steps run in one call into the graph (fewer Python
             round trips; progress then updates every that many steps).
+        strategy: a `tf.distribute.Strategy`; None: the default strategy.
 
     Example:
 
@@ -86,8 +94,17 @@ class Trainer:
     >>> result.best["val_accuracy"]
     """
 
-    def __init__(self, model, verbose=1, jit_compile=False, steps_per_execution=1):
+    def __init__(self, model, verbose=1, jit_compile=False, steps_per_execution=1,
+                 strategy=None):
         _check_number("steps_per_execution", steps_per_execution, 1, integer=True)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        if model.weights and not self.strategy.extended.variable_created_in_scope(
+                model.weights[0].value):
+            raise ConfigError(
+                "`model` must be built inside `strategy.scope()` of the strategy it trains "
+                "under (tlkit.distribute.for_training makes such a copy). Received: "
+                f"strategy={type(self.strategy).__name__}"
+            )
         self.model = model
         self.verbose = verbose
         self.jit_compile = jit_compile
@@ -117,11 +134,17 @@ class Trainer:
         """
         _check_number("epochs", epochs, 1, integer=True)
         _check_number("patience", patience, 1, integer=True)
-        optimizer = keras.optimizers.Adam(learning_rate)
         variables = self.model.trainable_variables
-        optimizer.build(variables)
-        step = self._make_train_step(optimizer, variables, sample_weights)
+        with self.strategy.scope():
+            optimizer = keras.optimizers.Adam(learning_rate)
+            if any(layer.dtype_policy.name == "mixed_float16" for layer in self.model.layers):
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(variables)
+        train_step = self._steps(self._make_train_step(optimizer, variables, sample_weights))
+        eval_step = self._steps(self._eval_step)
+        average_statistics = self._statistics_average()
         steps = _cardinality(train_ds)
+        train_ds, val_ds = self._distribute(train_ds), self._distribute(val_ds)
 
         progress = resume or StageProgress()
         if progress.optimizer_state is not None:
@@ -133,8 +156,9 @@ class Trainer:
             if self.verbose == 1:
                 print(f"[{name}] Epoch {epoch}/{epochs}")
             started = time.perf_counter()
-            train = self._run_epoch(train_ds, step, steps, (name, epoch))
-            val = evaluate(self.model, val_ds)
+            train = self._run_epoch(train_ds, train_step, steps, (name, epoch))
+            average_statistics()
+            val = self._run_epoch(val_ds, eval_step)
             logs = {"stage": name, "epoch": epoch, **train,
                     "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                     "lr": float(learning_rate), "seconds": time.perf_counter() - started}
@@ -160,62 +184,109 @@ class Trainer:
                            learning_rate=float(learning_rate), trainable_weights=len(variables))
 
     def _make_train_step(self, optimizer, variables, sample_weights):
+        """One replica's train step: gradients (under XLA if asked), then the update, whose
+        gradient all-reduce over the replicas Keras's optimizer does."""
         model = self.model
         weights = None if sample_weights is None else tf.constant(sample_weights, tf.float32)
 
-        def train_step(images, labels):
+        def gradients(images, labels):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
                 losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
                 if weights is not None:
                     losses = losses * tf.gather(weights, labels)
-                loss = tf.nn.compute_average_loss(losses)
-            optimizer.apply(tape.gradient(loss, variables), variables)
-            return tf.stack(_batch_sums(labels, probabilities, losses))
+                loss = optimizer.scale_loss(tf.nn.compute_average_loss(losses))
+            return tape.gradient(loss, variables), tf.stack(
+                _batch_sums(labels, probabilities, losses))
 
         if self.jit_compile:
-            train_step = tf.function(train_step, jit_compile=True)
-        if self.steps_per_execution == 1:
-            return tf.function(train_step, reduce_retracing=True)
-        steps = self.steps_per_execution
+            gradients = tf.function(gradients, jit_compile=True)
+
+        def train_step(images, labels):
+            grads, sums = _unless_empty(labels, lambda: gradients(images, labels), lambda: (
+                [tf.zeros(v.shape, v.dtype) for v in variables], tf.zeros([3])))
+            optimizer.apply(grads, variables)  # every replica joins the all-reduce
+            return sums
+
+        return train_step
+
+    def _eval_step(self, images, labels):
+        return _unless_empty(labels, lambda: tf.stack(_eval_step(self.model, images, labels)),
+                             lambda: tf.zeros([3]))
+
+    def _steps(self, replica_step):
+        """A graph function that runs up to `steps_per_execution` steps of `replica_step`
+        on every replica: `(batch sums added over steps and replicas, steps run)`."""
+        strategy, steps = self.strategy, self.steps_per_execution
 
         @tf.function
-        def train_steps(iterator):
-            """Up to `steps` train steps in one call: (summed batch sums, steps run)."""
+        def run(iterator):
             totals, count = tf.zeros([3]), tf.constant(0)
             for _ in tf.range(steps):
                 batch = iterator.get_next_as_optional()
                 if not batch.has_value():
                     break
-                images, labels = batch.get_value()
-                totals += train_step(images, labels)
+                sums = strategy.run(replica_step, args=batch.get_value())
+                totals += strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
                 count += 1
             return totals, count
 
-        return train_steps
+        return run
 
-    def _run_epoch(self, dataset, step, steps, where):
+    def _statistics_average(self):
+        """A function that sets the moving statistics of the training BatchNormalization
+        layers to their mean over the replicas. Each replica normalises with the statistics
+        of its share of the batch, so within an epoch the replicas' moving statistics drift
+        apart; averaged after every epoch, every worker validates, saves and ends with the
+        same weights. With one replica it does nothing."""
+        variables = [variable for layer in _leaf_layers(self.model)
+                     if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+                     for variable in (layer.moving_mean, layer.moving_variance)]
+        if self.strategy.num_replicas_in_sync == 1 or not variables:
+            return lambda: None
+        strategy = self.strategy
+
+        @tf.function
+        def average():
+            def replica_fn():
+                means = tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
+                for variable, mean in zip(variables, means):
+                    variable.assign(mean)
+
+            strategy.run(replica_fn)
+
+        return average
+
+    def _distribute(self, dataset):
+        """Splits each batch of `dataset` over the replicas (and workers: every worker runs
+        the same input pipeline and keeps its share of every batch)."""
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+    def _run_epoch(self, dataset, step, steps=None, where=None):
+        """Runs `step` over `dataset`; a training epoch (`where` = (stage, epoch)) shows
+        progress and passes the test pause hook."""
         progbar = (keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
-                   if self.verbose == 1 else None)
+                   if self.verbose == 1 and where else None)
         totals, index = np.zeros(3), 0
-        if self.steps_per_execution == 1:
-            for index, (images, labels) in enumerate(dataset, start=1):
-                _test_pause(*where, index)
-                totals += step(images, labels).numpy()
-                self._progress(progbar, index, totals)
-        else:
-            iterator = iter(dataset)
-            while True:
-                sums, count = step(iterator)
-                if not int(count):
-                    break
+        iterator = iter(dataset)
+        while True:
+            sums, count = step(iterator)
+            if not int(count):
+                break
+            if where:
                 for batch in range(index + 1, index + int(count) + 1):
                     _test_pause(*where, batch)
-                totals += sums.numpy()
-                index += int(count)
-                self._progress(progbar, index, totals)
+            totals += sums.numpy()
+            index += int(count)
+            self._progress(progbar, index, totals)
         if progbar is not None:
             progbar.update(progbar.target or index, finalize=True)
+        if not totals[2]:
+            return {"loss": math.nan, "accuracy": math.nan}
         return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
 
     @staticmethod
@@ -229,6 +300,12 @@ class Trainer:
             print(f"[{name}] epoch {epoch}/{epochs}: "
                   + ", ".join(f"{k}={logs[k]:.4f}" for k in METRICS)
                   + f" ({logs['seconds']:.1f}s)")
+
+
+def _unless_empty(labels, compute, empty):
+    """`compute()`, or `empty()` on a replica whose share of a batch is empty: the last
+    batch of an epoch may not reach every replica of a multi-worker run."""
+    return tf.cond(tf.size(labels) > 0, compute, empty)
 
 
 def _batch_sums(labels, probabilities, losses):
@@ -456,7 +533,8 @@ def _leaf_layers(model):
 def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
                  freeze_batchnorm=True, sample_weights=None, verbose=1, checkpoint_dir=None,
                  resume=None, epoch_callback=None, stage_inputs=None,
-                 steps_per_execution=1):
+                 steps_per_execution=1, jit_compile=False, strategy=None,
+                 keep_previous_state=False):
     """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
@@ -479,6 +557,10 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         epoch_callback: called with each epoch's logs (and its `step`, the epoch's number
             over all stages) after the epoch, for example to write TensorBoard summaries.
         steps_per_execution: train steps per call into the graph (see `Trainer`).
+        jit_compile: XLA for the forward and backward pass (see `Trainer`).
+        strategy: the `tf.distribute.Strategy` `model` was built under (see `Trainer`).
+        keep_previous_state: also keep the state of the epoch before (multi-worker runs,
+            see `tlkit.checkpoint`).
         stage_inputs: called with a `Stage` after its layers are frozen; may return
             `(model, train_ds, val_ds)` to train that stage on other inputs (the head on
             cached features, `tlkit.features`), or None for `model` on the datasets.
@@ -504,7 +586,7 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
                             "step": done + progress.epoch})
         if checkpoint_dir is not None:
             save_state(checkpoint_dir, RunState(index, results, best, best_weights, progress,
-                                                model.get_weights()))
+                                                model.get_weights()), keep_previous_state)
 
     for index, stage in enumerate(stages):
         if index < len(results):
@@ -517,7 +599,8 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         progress = resume.stage if resume is not None and index == resume.stage_index else None
         inputs = stage_inputs(stage) if stage_inputs is not None else None
         trained, stage_train, stage_val = inputs or (model, train_ds, val_ds)
-        trainer = Trainer(trained, verbose=verbose, steps_per_execution=steps_per_execution)
+        trainer = Trainer(trained, verbose=verbose, jit_compile=jit_compile,
+                          steps_per_execution=steps_per_execution, strategy=strategy)
         result = trainer.train_stage(
             stage_train, stage_val, epochs=stage.epochs, learning_rate=stage.learning_rate,
             patience=patience, name=stage.target, sample_weights=sample_weights,
