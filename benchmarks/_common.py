@@ -36,3 +36,12 @@ def write_section(name, markdown):
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
         text.rstrip() + "\n\n" + block + "\n")
     RESULTS.write_text(text)
+
+
+def publish(name, lines, met=True):
+    """Prints a benchmark's report (`lines`, joined), writes it as section `name` of
+    benchmarks/RESULTS.md and returns the script's exit code: 0 if its goal was `met`."""
+    report = "\n".join(lines)
+    print(report)
+    write_section(name, report)
+    return 0 if met else 1

@@ -34,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from benchmarks.pipeline import CLASSES, write_photo_folder  # noqa: E402
 
 ROUNDS = 3
@@ -174,10 +174,7 @@ def main():
         "Goal: cold start dominated by importing TensorFlow (the largest stage, larger than "
         f"tlkit's own share): {'met' if met else 'NOT met'}.",
     ]
-    report = "\n".join(lines)
-    print(report)
-    write_section("cold_start", report)
-    return 0 if met else 1
+    return publish("cold_start", lines, met)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from benchmarks.jit import DIGITS, epoch_seconds  # noqa: E402
 
 SIZE, BATCH, EPOCHS = 32, 64, 8
@@ -126,9 +126,7 @@ def main():
     for policy, epoch, total in precision:
         lines.append(f"| {policy} | {epoch:.2f} | {precision[0][1] / epoch:.2f}x | "
                      f"{total:.1f} |")
-    report = "\n".join(lines)
-    print(report)
-    write_section("distribute", report)
+    publish("distribute", lines)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tlkit  # noqa: E402
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from tlkit.augment import build_augmenter  # noqa: E402
 from tlkit.backbones import get_backbone, unfreeze_groups  # noqa: E402
 from tlkit.config import DataConfig  # noqa: E402
@@ -183,9 +183,7 @@ def write_report(rows):
                          f"({gap:+.3f}; within 2 points: {met}).")
     lines.append("- ResNet50's random features give chance accuracy both ways; they measure "
                  "speed only.")
-    report = "\n".join(lines)
-    print(report)
-    write_section("frozen_stage", report)
+    publish("frozen_stage", lines)
 
 
 def _random_weights_file(backbone, size, work):

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from tlkit.config import DataConfig  # noqa: E402
 from tlkit.data import load_image_data, make_dataset  # noqa: E402
 from tlkit.models import build_classifier, copy_classifier  # noqa: E402
@@ -60,9 +60,7 @@ def main():
              "| option | s/epoch | speed vs plain | total s |", "| --- | --- | --- | --- |"]
     for name, epoch, total in rows:
         lines.append(f"| {name} | {epoch:.2f} | {plain / epoch:.2f}x | {total:.1f} |")
-    report = "\n".join(lines)
-    print(report)
-    write_section("jit", report)
+    publish("jit", lines)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from tlkit.augment import build_augmenter  # noqa: E402
 from tlkit.config import DataConfig  # noqa: E402
 from tlkit.data import load_image_data, make_dataset  # noqa: E402
@@ -187,10 +187,7 @@ def main():
                      f"{row['consumed']:,.0f} | {row['ratio']:.2f}x |")
     lines += ["", f"Goal: pipeline >= {GOAL:g}x the consumer at every size: "
                   f"{'met' if met else 'NOT met'}."]
-    report = "\n".join(lines)
-    print(report)
-    write_section("pipeline", report)
-    return 0 if met else 1
+    return publish("pipeline", lines, met)
 
 
 if __name__ == "__main__":

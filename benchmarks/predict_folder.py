@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tlkit  # noqa: E402
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from benchmarks.pipeline import CLASSES, write_photo_folder  # noqa: E402
 from tlkit.export import export_classifier  # noqa: E402
 from tlkit.models import build_classifier  # noqa: E402
@@ -130,10 +130,7 @@ def main():
     lines += ["", f"Goal: tlkit >= {SPEED_GOAL:g}x the plain script's images/s: "
                   f"{'met' if speed_met else 'NOT met'}. Same top-1 on >= "
                   f"{AGREEMENT_GOAL:.0%} of files: {'met' if agree_met else 'NOT met'}."]
-    report = "\n".join(lines)
-    print(report)
-    write_section("predict_folder", report)
-    return 0 if speed_met and agree_met else 1
+    return publish("predict_folder", lines, speed_met and agree_met)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from tlkit.config import DataConfig  # noqa: E402
 from tlkit.data import load_image_data, make_dataset  # noqa: E402
 from tlkit.models import build_classifier  # noqa: E402
@@ -139,10 +139,7 @@ def main():
                      f"{rate[name]:,.0f} |")
     lines += ["", f"tlkit / plain Keras: {ratio:.2f}x. Goal: >= {GOAL:g}x: "
                   f"{'met' if met else 'NOT met'}."]
-    report = "\n".join(lines)
-    print(report)
-    write_section("scratch_vs_keras", report)
-    return 0 if met else 1
+    return publish("scratch_vs_keras", lines, met)
 
 
 if __name__ == "__main__":

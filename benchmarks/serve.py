@@ -44,7 +44,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 from tlkit.export import export_classifier  # noqa: E402
 from tlkit.models import build_classifier  # noqa: E402
 
@@ -214,10 +214,7 @@ def main():
     met = ratios[0] >= BATCHING_GOAL
     lines += ["", f"Goal: batching >= {BATCHING_GOAL:g}x unbatched for the small model: "
                   f"{'met' if met else 'NOT met'} ({ratios[0]:.2f}x)."]
-    report = "\n".join(lines)
-    print(report)
-    write_section("serve", report)
-    return 0 if met else 1
+    return publish("serve", lines, met)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tlkit  # noqa: E402
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 
 DIGITS = Path(__file__).resolve().parent.parent / "data" / "digits"
 SEEDS = (0, 1, 2, 3)
@@ -161,9 +161,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     text = report(results, pretrain_accuracy, (time.perf_counter() - started) / 60)
-    print(text)
-    write_section("transfer_digits", text)
-    return 0 if results[CRITERION_SHOTS]["beyond"] else 1
+    return publish("transfer_digits", [text], results[CRITERION_SHOTS]["beyond"])
 
 
 if __name__ == "__main__":
