@@ -19,7 +19,6 @@ Run: python -m benchmarks.distribute  (about 4 minutes on 2 CPU cores)
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks._common import machine, publish  # noqa: E402
 from benchmarks.jit import DIGITS, epoch_seconds  # noqa: E402
+from tlkit.distribute import loopback_cluster  # noqa: E402
 
 SIZE, BATCH, EPOCHS = 32, 64, 8
 FIT = dict(data_dir=str(DIGITS), image_size=SIZE, batch_size=BATCH, epochs=EPOCHS,
@@ -45,20 +45,10 @@ if result.export_path is not None:
 ONE_CORE = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def run(workers, cores, folder):
     """Starts `workers` processes of one run (pinned to `cores[i]` if given) and returns
     the chief's history and the run's wall seconds."""
-    hosts = [f"127.0.0.1:{port}" for port in free_ports(workers)]
+    tf_configs = loopback_cluster(workers)
     options = {**FIT, "runs_dir": str(folder / "runs"), "export_dir": str(folder / "exports"),
                "name": f"w{workers}-{'pinned' if cores else 'all'}",
                "distribute": "multi-worker" if workers > 1 else "none"}
@@ -66,8 +56,7 @@ def run(workers, cores, folder):
     for index in range(workers):
         env = dict(os.environ, **(ONE_CORE if cores else {}))
         if workers > 1:
-            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts},
-                                           "task": {"type": "worker", "index": index}})
+            env["TF_CONFIG"] = tf_configs[index]
         pin = ["taskset", "-c", str(cores[index])] if cores else []
         processes.append(subprocess.Popen(
             [*pin, sys.executable, "-c", WORKER, json.dumps(options)], env=env, text=True,

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import tensorflow as tf
 import tlkit
 from tlkit.config import TrainConfig
 from tlkit.distribute import (Cluster, check_batch_size, cpu_has_bfloat16, gpu_count,
-                              resolve_distribute, resolve_jit, worker_index)
+                              loopback_cluster, resolve_distribute, resolve_jit, worker_index)
 from tlkit.errors import ConfigError
 from tlkit.models import build_backbone, build_classifier, copy_classifier
 from tlkit.training import Trainer
@@ -37,25 +36,13 @@ MIXED = pytest.mark.skipif(not (cpu_has_bfloat16() or gpu_count()),
                            reason="mixed precision needs a GPU or a CPU with bfloat16")
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def start_workers(command, cwd, env_of=lambda index: {}, name="fit"):
     """Starts two worker processes of one TF_CONFIG cluster on loopback ports; each writes
     its stdout and stderr to `<cwd>/<name>-<index>.log`."""
-    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
-    for index in range(2):
+    for index, tf_config in enumerate(loopback_cluster(2)):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env_of(index),
-               "TF_CONFIG": json.dumps({"cluster": {"worker": hosts},
-                                        "task": {"type": "worker", "index": index}})}
+               "TF_CONFIG": tf_config}
         with open(cwd / f"{name}-{index}.log", "w") as log:
             processes.append(subprocess.Popen(command(index), cwd=cwd, env=env, text=True,
                                               stdout=log, stderr=subprocess.STDOUT))
