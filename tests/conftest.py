@@ -68,9 +68,19 @@ def digits_export(tmp_path_factory):
     return result.export_path
 
 
+def png_chunk(kind, body):
+    """One PNG chunk: length, type, body and a valid CRC."""
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
 def png_header_only(width, height):
     """A PNG signature and IHDR chunk (valid CRC) claiming a size, with no pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+
+
+def png_header_claiming(width, height):
+    """A complete small PNG file whose IHDR claims `width` x `height` RGB pixels."""
+    return (png_header_only(width, height) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))

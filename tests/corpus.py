@@ -5,14 +5,14 @@ import builtins
 import contextlib
 import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFilter
+
+from conftest import png_header_claiming
 
 EXIF_ORIENTATION = 0x0112
 
@@ -51,18 +51,6 @@ def encoded(pixels, fmt, **options):
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt, **options)
     return buffer.getvalue()
-
-
-def png_header_claiming(width, height):
-    """A PNG whose IHDR claims `width` x `height` RGB pixels, written by hand (valid CRC)."""
-
-    def chunk(kind, body):
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 @contextlib.contextmanager

@@ -114,6 +114,17 @@ def test_scan_folder_ignores_hidden_and_non_image_entries(tmp_path):
     assert not any(".hidden" in f or ".DS_Store" in f for f in scan.files)
 
 
+def scan_within(folder, seconds, message):
+    """`scan_folder(folder)`, failing with `message` if it has not returned in `seconds`."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(scan=tdata.scan_folder(folder)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    assert not worker.is_alive(), message
+    return result["scan"]
+
+
 def test_scan_folder_does_not_follow_symlinked_folders_or_loops(tmp_path):
     data_dir = tmp_path / "data"
     outside = tmp_path / "outside"
@@ -124,13 +135,7 @@ def test_scan_folder_does_not_follow_symlinked_folders_or_loops(tmp_path):
     (data_dir / "b" / "loop").symlink_to(data_dir / "b", target_is_directory=True)
     (data_dir / "b" / "sub").mkdir()
     (data_dir / "b" / "sub" / "up").symlink_to(data_dir, target_is_directory=True)
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(scan=tdata.scan_folder(data_dir)),
-                              daemon=True)
-    worker.start()
-    worker.join(timeout=20)
-    assert not worker.is_alive(), "scan_folder hangs on a symlink loop"
-    scan = result["scan"]
+    scan = scan_within(data_dir, 20, "scan_folder hangs on a symlink loop")
     assert sorted(Path(f).name for f in scan.files) == ["a0.png", "b0.png"]
     ignored = dict(scan.ignored)
     for link in ("a/linked", "b/loop", "b/sub/up"):
@@ -469,20 +474,14 @@ def test_digits_default_split_is_stratified(digits_dir):
 
 def test_scan_skips_fifos_and_broken_links_instead_of_hanging(tmp_path):
     import os
-    import threading
 
     from conftest import write_image_folder
 
     root = write_image_folder(tmp_path / "data", per_class=3)
     os.mkfifo(root / "a" / "pipe.png")
     (root / "b" / "gone.png").symlink_to(root / "b" / "missing.png")
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(scan=tdata.scan_folder(root)),
-                              daemon=True)
-    worker.start()
-    worker.join(timeout=20)
-    assert not worker.is_alive(), "scan_folder blocked"
-    ignored = dict(result["scan"].ignored)
+    scan = scan_within(root, 20, "scan_folder blocked")
+    ignored = dict(scan.ignored)
     for name in ("a/pipe.png", "b/gone.png"):
         assert ignored[str(root / name)].startswith("not a regular file")
-        assert str(root / name) not in result["scan"].files
+        assert str(root / name) not in scan.files

@@ -1,14 +1,13 @@
 """The image contract: Pillow decoding, the shared resize, and training/serving agreement."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import png_header_claiming
 from tlkit import images
 from tlkit.errors import ImageError
 
@@ -230,16 +229,6 @@ def test_decode_file_applies_exif_orientation(tmp_path, orientation, shape, corn
 # decode_file: errors ----------------------------------------------------------------------
 
 
-def _png_header_claiming(width, height):
-    def chunk(kind, data):
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
 def _truncated_jpeg():
     buffer = io.BytesIO()
     Image.fromarray(photo(64, 64)).save(buffer, "JPEG", quality=90)
@@ -251,7 +240,7 @@ BAD_FILES = {
     "notes.jpg": (b"just some text, not a picture\n", ["not an image"]),
     "page.png": (b"<!DOCTYPE html><html><body>404</body></html>\n", ["not an image"]),
     "truncated.jpg": (_truncated_jpeg(), ["truncated", "corrupt"]),
-    "bomb.png": (_png_header_claiming(100_000, 100_000), ["pixels"]),
+    "bomb.png": (png_header_claiming(100_000, 100_000), ["pixels"]),
 }
 
 
