@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 import tlkit
 from conftest import DIGITS, png_header_only
 from tlkit.errors import ConfigError
-from tlkit.serve import ModelServer
+from tlkit.serve import ModelServer, ServeLimits
 
 FILES = [f for c in range(10) for f in sorted((DIGITS / str(c)).glob("*.png"))[:4]]  # 40
 TIMEOUT = 30
@@ -156,7 +156,8 @@ def test_bad_json_unknown_models_and_oversized_bodies_are_refused(server, digits
     assert status == 400 and "not valid JSON" in answer["error"]
     status, answer = call(server.rest_url.replace("/digits", "/cats"))
     assert status == 404 and answer["error"] == "Servable not found for request: Latest(cats)"
-    with ModelServer(digits_export, port=0, grpc_port=None, max_request_bytes=4096) as small:
+    with ModelServer(digits_export, port=0, grpc_port=None,
+                     limits=ServeLimits(max_request_bytes=4096)) as small:
         status, answer = call(small.rest_url + ":predict", raw=b" " * 5000)
         assert status == 413 and "5,000 bytes, over the limit of 4,096" in answer["error"]
 
@@ -278,10 +279,24 @@ def test_grpc_errors_carry_status_codes(stub, request_kwargs, code, message):
     assert message in raised.value.details()
 
 
-def test_grpc_needs_the_serving_api_package_or_no_grpc(digits_export, monkeypatch):
+def test_without_the_serving_api_package_rest_serves_and_one_line_says_so(
+        digits_export, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)
-    with pytest.raises(ConfigError, match="pip install 'tlkit\\[serve\\]'.*--no-grpc"):
-        ModelServer(digits_export, port=0, grpc_port=0)
+    with caplog.at_level("WARNING", logger="tlkit.serve"):
+        with ModelServer(digits_export, port=0, grpc_port=0) as server:
+            assert server.grpc_port is None
+            status, body = call(server.rest_url + ":predict", {"instances": [b64(FILES[1])]})
+    assert status == 200 and len(body["predictions"]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["gRPC is not served: it needs TF Serving's API package "
+                        "(pip install 'tlkit[serve]'); serving REST only."]
+
+
+def test_a_port_in_use_is_a_config_error(server, digits_export):
+    with pytest.raises(ConfigError, match=f"Cannot listen on 127.0.0.1:{server.rest_port}"):
+        ModelServer(digits_export, port=server.rest_port, grpc_port=None).start()
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{server.grpc_port} \\(gRPC\\)"):
+        ModelServer(digits_export, port=0, grpc_port=server.grpc_port).start()
 
 
 # --- The command ----------------------------------------------------------------------------

@@ -433,14 +433,14 @@ def serve(model_path, name, host, port, grpc_port, no_grpc, max_batch_size, batc
     import signal
     import threading
 
-    from tlkit.serve import ModelServer
+    from tlkit.serve import ModelServer, ServeLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
     server = ModelServer(model_path, name=name, host=host, port=port,
                          grpc_port=None if no_grpc else grpc_port,
                          max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
-                         max_request_bytes=max_request_bytes).start()
+                         limits=ServeLimits(max_request_bytes=max_request_bytes)).start()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     model = server.model
