@@ -2,12 +2,17 @@
 
 import os
 import struct
+import sys
 import zlib
+
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from pathlib import Path
+# The tests' own Keras cache (read by Keras when it is imported): the ImageNet MobileNet files
+# the `imagenet_mobilenet` fixture makes go there, never into the user's ~/.keras.
+TEST_CACHE = Path(os.environ.get("TLKIT_TEST_CACHE", Path.home() / ".cache" / "tlkit-tests"))
+os.environ["KERAS_HOME"] = str(TEST_CACHE / "keras")
 
 import numpy as np
 import pytest
@@ -66,6 +71,19 @@ def digits_export(tmp_path_factory):
     result = tlkit.fit(DIGITS, flip="none", epochs=3, image_size=16, name="digits",
                        export_dir=base / "saved_models", runs_dir=base / "runs", verbose=0)
     return result.export_path
+
+
+@pytest.fixture(scope="session")
+def imagenet_mobilenet():
+    """The KERAS_HOME holding Keras's ImageNet MobileNet v1 files, made from the PyPI sdist
+    by benchmarks/mobilenet_weights.py on first use (pip reaches PyPI) and kept in
+    TEST_CACHE. A test that needs them fails, never skips, when they cannot be made."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.mobilenet_weights import ensure_weight_files
+
+    keras_home = Path(os.environ["KERAS_HOME"])
+    ensure_weight_files(keras_home, TEST_CACHE / "sdist")
+    return keras_home
 
 
 def png_chunk(kind, body):

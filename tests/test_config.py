@@ -214,3 +214,40 @@ def test_path_valued_settings_save_and_load(tmp_path):
     assert loaded.data.data_dir == str(tmp_path / "flowers")
     assert loaded.data.val_dir == str(tmp_path / "val")
     assert loaded == config
+
+
+def test_auto_backbone_and_image_size_follow_the_data():
+    from tlkit.data import DataSurvey
+
+    config = build_config(data_dir="photos")
+    notes = []
+    photos = config.resolve(DataSurvey(images_per_class=40, image_side=480), notes)
+    assert (photos.model.backbone, photos.model.weights) == ("mobilenet", "imagenet")
+    assert photos.data.image_size == get_backbone("mobilenet").default_size
+    assert notes and "480 px" in notes[0]
+    small = config.resolve(DataSurvey(images_per_class=40, image_side=28), notes := [])
+    assert (small.model.backbone, small.data.image_size) == ("mobilenet", 96)
+    assert any("96 px" in note for note in notes)
+    assert config.resolve(DataSurvey(40, 150)).data.image_size == 160
+    tiny = config.resolve(DataSurvey(images_per_class=40, image_side=8), notes := [])
+    assert (tiny.model.backbone, tiny.data.image_size) == ("scratch", 32)
+    assert "scratch" in notes[0]
+    # Given settings win over the survey; no survey keeps the scratch CNN.
+    given = build_config(data_dir="photos", backbone="scratch", image_size=48)
+    assert given.resolve(DataSurvey(40, 480)).data.image_size == 48
+    assert config.resolve().model.backbone == "scratch"
+
+
+def test_survey_counts_the_smallest_class_and_reads_sizes_from_headers(tmp_path):
+    from PIL import Image
+
+    from tlkit.data import survey_folder
+
+    for name, count, size in (("a", 3, (40, 30)), ("b", 5, (64, 50))):
+        (tmp_path / name).mkdir()
+        for index in range(count):
+            Image.new("RGB", size).save(tmp_path / name / f"{index}.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"not an image")
+    survey = survey_folder(tmp_path)
+    assert survey.images_per_class == 3
+    assert survey.image_side == 50  # median of 3 x 30 and 5 x 50 (the broken file is skipped)

@@ -31,8 +31,9 @@ def corner_run(tmp_path_factory):
         for index in range(40):
             Image.fromarray(corner_image(rng, with_square)).save(
                 root / "data" / name / f"{index}.png")
-    result = tlkit.fit(root / "data", image_size=SIZE, epochs=6, augment="none", flip="none",
-                       verbose=0, runs_dir=root / "runs", export_dir=root / "sm")
+    result = tlkit.fit(root / "data", backbone="scratch", image_size=SIZE, epochs=6,
+                       augment="none", flip="none", verbose=0, runs_dir=root / "runs",
+                       export_dir=root / "sm")
     assert result.metrics["val"]["accuracy"] >= 0.9
     return root, result
 

@@ -49,9 +49,9 @@ def test_fit_survives_a_hostile_folder(tmp_path):
     env = {"TLKIT_TEST_LOCKED": str(corpus["locked"]), "TLKIT_TEST_PEAK": str(tmp_path / "peak"),
            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, "fit", str(root), "--image-size", "32", "--epochs", "1",
-         "--augment", "none", "--flip", "none", "--runs-dir", str(tmp_path / "runs"),
-         "--export-dir", str(tmp_path / "sm"), "-q"],
+        [sys.executable, "-c", RUNNER, "fit", str(root), "--backbone", "scratch",
+         "--image-size", "32", "--epochs", "1", "--augment", "none", "--flip", "none",
+         "--runs-dir", str(tmp_path / "runs"), "--export-dir", str(tmp_path / "sm"), "-q"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 

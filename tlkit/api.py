@@ -24,7 +24,7 @@ import numpy as np
 from tlkit.augment import build_augmenter
 from tlkit.backbones import get_backbone, unfreeze_groups
 from tlkit.config import FitConfig, build_config
-from tlkit.data import load_image_data, make_dataset
+from tlkit.data import load_image_data, make_dataset, survey_folder
 from tlkit.doctor import split_leaks
 from tlkit.checkpoint import clear_state, load_state
 from tlkit.distribute import (agreed_resume_point, check_agreement, check_batch_size,
@@ -95,8 +95,12 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
     else:
         config = build_config(config, data_dir=data_dir and os.fspath(data_dir), **options)
         run_dir, state = None, None
-    config = config.resolve()
+    notes = []
+    config = config.resolve(_survey(config), notes)
     verbose = config.train.verbose
+    if verbose:
+        for note in notes:
+            print(f"auto {note}")
     cluster = connect(config.train.distribute)  # before any other TensorFlow operation
     check_batch_size(cluster, config.data.batch_size)
     policy = precision_policy(config.train.mixed_precision)
@@ -245,6 +249,18 @@ def _resumable_run(resume, data_dir, config, options):
     if options.get("verbose") is not None:
         config = build_config(config, verbose=options["verbose"])
     return run_dir, config, state
+
+
+def _survey(config):
+    """The data survey behind the data-dependent defaults; None when there is none to make
+    (every such setting given, or the folder missing: the loader reports that)."""
+    model, data = config.model, config.data
+    if model.init_from is not None or "auto" not in (model.backbone, data.image_size):
+        return None
+    try:
+        return survey_folder(data.data_dir)
+    except DataError:
+        return None
 
 
 def _open_run_folder(cluster, config, data, run_dir, state):

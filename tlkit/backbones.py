@@ -8,6 +8,7 @@ with `get_backbone`, never chosen by an if/elif ladder; `register_backbone` adds
 """
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -193,8 +194,12 @@ def _application(constructor, **extra):
     """A `build` function for a keras.applications constructor, without its top."""
 
     def build(input_shape, weights=None):
-        model = constructor(include_top=False, weights=weights, input_shape=input_shape,
-                            **extra)
+        with warnings.catch_warnings():
+            # Convolution weights fit any input size; Keras warns when it has no file for
+            # the size asked (MobileNet's 128-224 px) and loads its 224 px file.
+            warnings.filterwarnings("ignore", message=".*will be loaded as the default")
+            model = constructor(include_top=False, weights=weights, input_shape=input_shape,
+                                **extra)
         model.name = "backbone"
         return model
 
@@ -217,6 +222,16 @@ def _numbered(prefix, numbers, first_extra="", last_extra=""):
     return tuple(groups)
 
 
+def _mobilenet_groups():
+    """MobileNet v1's 13 depthwise-separable blocks from the top: the two 1024-channel
+    blocks one by one, then pairs (the six 512-channel blocks in three), and the stem with
+    block 1 last. Each block owns its `conv_dw_N`, `conv_pw_N` and `conv_pad_N` layers."""
+    spans = ((13,), (12,), (10, 11), (8, 9), (6, 7), (4, 5), (2, 3))
+    groups = [(f"block{span[0]}", rf"^conv_(dw|pw|pad)_({'|'.join(map(str, span))})(_|$)")
+              for span in spans]
+    return tuple(groups) + (("stem", r"^(conv1|conv_(dw|pw)_1)(_|$)"),)
+
+
 _APPLICATIONS = (
     dict(name="vgg16", constructor=keras.applications.VGG16, preprocessing="caffe",
          groups=_numbered("block", range(5, 0, -1)),
@@ -224,6 +239,9 @@ _APPLICATIONS = (
     dict(name="resnet50", constructor=keras.applications.ResNet50, preprocessing="caffe",
          groups=_numbered("conv", range(5, 0, -1), last_extra="pool1_"),
          description="ResNet50 (ImageNet), 23.6M parameters without its top"),
+    dict(name="mobilenet", constructor=keras.applications.MobileNet, preprocessing="tf",
+         groups=_mobilenet_groups(),
+         description="MobileNet v1 (ImageNet), 3.2M parameters, depthwise separable, fast on CPUs"),
     dict(name="mobilenet_v2", constructor=keras.applications.MobileNetV2, preprocessing="tf",
          groups=(("block16", "^(block_16_|Conv_1|out_relu)"), ("block13", "^block_1[345]_"),
                  ("block10", "^block_1[012]_"), ("block6", "^block_[6789]_"),

@@ -25,6 +25,11 @@ RESIZE_POLICIES = ("squash", "crop", "pad")
 DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
 JIT_MODES = ("auto", "on", "off")
 
+# Data-dependent defaults, chosen on benchmarks/transfer_real.py's validation photos.
+PRETRAINED_BACKBONE = "mobilenet"  # what backbone="auto" trains when the images are big enough
+MIN_PRETRAINED_SIDE = 24  # images smaller than this (median shorter side) train from scratch
+MIN_PRETRAINED_INPUT = 96  # smallest input side given to a pretrained backbone
+
 
 def _paths_to_str(config, *names):
     """Stores path-like fields as strings, so configs compare and serialise as JSON."""
@@ -93,7 +98,7 @@ class DataConfig:
 class ModelConfig:
     """Which network is built: backbone, head and training-time augmentation."""
 
-    backbone: str = "auto"  # a name from `tlkit backbones`; "auto": scratch, or init_from's
+    backbone: str = "auto"  # a name from `tlkit backbones`; "auto": by image size (resolve)
     weights: str = "auto"  # "imagenet" | "none" | a weights file; "auto": imagenet if it has them
     init_from: str | None = None  # continue a tlkit run folder / model.keras (new classes ok)
     train_bn: bool = False  # let BatchNorm layers of unfrozen groups train (default: frozen)
@@ -209,10 +214,22 @@ class FitConfig:
     def __post_init__(self):
         _check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
 
-    def resolve(self):
-        """Returns a copy with every `"auto"` value replaced by what it means for this run."""
+    def resolve(self, survey=None, notes=None):
+        """Returns a copy with every `"auto"` value replaced by what it means for this run.
+
+        Args:
+            survey: what the data folder holds (`tlkit.data.survey_folder`), for the
+                settings that follow the data: `backbone="auto"` trains
+                `PRETRAINED_BACKBONE` when the images' median shorter side is at least
+                `MIN_PRETRAINED_SIDE` pixels and the scratch CNN below that (or without a
+                survey); a pretrained backbone's `image_size="auto"` is the images' side
+                rounded up to a multiple of 32, within `MIN_PRETRAINED_INPUT` and the
+                backbone's default size.
+            notes: a list that gets one sentence per data-dependent choice, saying why.
+        """
         from tlkit.backbones import get_backbone
 
+        notes = [] if notes is None else notes
         data, model, export = self.data, self.model, self.export
         if model.init_from is not None:
             from tlkit.models import describe_keras_file
@@ -231,10 +248,10 @@ class FitConfig:
             model = dataclasses.replace(model, backbone=backbone, weights="none")
             data = dataclasses.replace(data, image_size=image_size)
         elif model.backbone == "auto":
-            model = dataclasses.replace(model, backbone="scratch")
+            model = dataclasses.replace(model, backbone=_auto_backbone(survey, notes))
         spec = get_backbone(model.backbone)
         if data.image_size == "auto":
-            data = dataclasses.replace(data, image_size=spec.default_size)
+            data = dataclasses.replace(data, image_size=_auto_image_size(spec, survey, notes))
         if data.image_size < spec.min_size:
             raise ConfigError(
                 f"`image_size` must be >= {spec.min_size} for backbone {spec.name!r}. "
@@ -310,6 +327,27 @@ class FitConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"Cannot read config file {str(path)!r}: {e}") from None
         return cls.from_dict(values)
+
+
+def _auto_backbone(survey, notes):
+    if survey is None or survey.image_side < MIN_PRETRAINED_SIDE:
+        if survey is not None:
+            notes.append(f"backbone: scratch (the images are {survey.image_side} px, below the "
+                         f"{MIN_PRETRAINED_SIDE} px a pretrained backbone needs)")
+        return "scratch"
+    notes.append(f"backbone: {PRETRAINED_BACKBONE} with ImageNet weights (the images are "
+                 f"{survey.image_side} px: transfer learning)")
+    return PRETRAINED_BACKBONE
+
+
+def _auto_image_size(spec, survey, notes):
+    if not spec.imagenet or survey is None:
+        return spec.default_size
+    side = min(spec.default_size, max(MIN_PRETRAINED_INPUT, -(-survey.image_side // 32) * 32))
+    if side != spec.default_size:
+        notes.append(f"image size: {side} px (the images are {survey.image_side} px; "
+                     f"{spec.name}'s default {spec.default_size} px would only upsample them)")
+    return side
 
 
 def _resolve_devices(train):

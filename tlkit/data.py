@@ -531,3 +531,38 @@ def _memmap_dataset(split, batch_size, shuffle, seed):
     return dataset.map(lambda x, y: (tf.ensure_shape(x, [None, size, size, 3]),
                                      tf.ensure_shape(y, [None])))
 
+
+
+@dataclass(frozen=True)
+class DataSurvey:
+    """What the data-dependent `"auto"` settings are chosen from (`FitConfig.resolve`)."""
+
+    images_per_class: int  # images of the smallest class, before any split
+    image_side: int  # median shorter side, in pixels, of a sample of the images
+
+
+def survey_folder(data_dir, sample=64):
+    """Counts the images of each class and reads the size of a sample of them from their
+    headers (no pixels are decoded); unreadable files are left to the loader to report.
+
+    Args:
+        data_dir: a folder with one subfolder per class.
+        sample: how many images, spread evenly over the folder, to read sizes from.
+
+    Returns:
+        A `DataSurvey`.
+
+    Raises:
+        DataError: as `scan_folder`.
+    """
+    scan = scan_folder(data_dir)
+    counts = np.bincount(scan.labels, minlength=len(scan.class_names))
+    picks = np.unique(np.linspace(0, len(scan.files) - 1, min(sample, len(scan.files))).astype(int))
+    sides = []
+    for index in picks:
+        try:
+            with Image.open(scan.files[index]) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return DataSurvey(int(counts.min()), int(np.median(sides)) if sides else 0)
