@@ -3,11 +3,7 @@ Python client (`tensorflow-serving-api`), batching of concurrent requests, and 4
 
 import base64
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -299,36 +295,40 @@ def test_a_port_in_use_is_a_config_error(server, digits_export):
         ModelServer(digits_export, port=0, grpc_port=server.grpc_port).start()
 
 
-# --- The command ----------------------------------------------------------------------------
+def test_grpc_limits_message_size_and_concurrent_calls_and_logs_faults_as_errors(
+        digits_export, caplog, monkeypatch):
+    limits = ServeLimits(max_request_bytes=4096, max_concurrent_rpcs=2)
+    with ModelServer(digits_export, port=0, grpc_port=0, batch_timeout_ms=500,
+                     limits=limits) as small:
+        channel = grpc.insecure_channel(f"127.0.0.1:{small.grpc_port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Predict(predict_request(image_bytes=[b"\x89PNG" + b"\0" * 5000]), TIMEOUT)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-def test_tlkit_serve_command_serves_logs_and_stops_on_sigint(digits_export, expected):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tlkit.cli", "serve", "--model", str(digits_export.parent),
-         "--port", "0", "--grpc-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines = []
-    try:
-        deadline = time.monotonic() + 90
-        timer = threading.Timer(90, process.kill)
-        timer.start()
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            lines.append(line)
-            if line.startswith("Ctrl-C") or not line:
-                break
-        timer.cancel()
-        url = next(line.split()[1] for line in lines if line.strip().startswith("REST:"))
-        assert url.endswith("/v1/models/digits")
-        status, body = call(url + ":predict", {"instances": [b64(FILES[7])]})
-        assert status == 200
-        assert body["predictions"][0]["class_names"] == expected[str(FILES[7])].label
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 0, err
-    assert "Stopped after 1 requests (1 images in 1 forward passes)." in out
-    logged = [line for line in err.splitlines() if " rest POST /v1/models/digits:predict 200 1 "
-              "image(s) " in line]
-    assert len(logged) == 1, err
+        def send(_):
+            try:
+                stub.Predict(predict_request(image_bytes=[FILES[0].read_bytes()]), TIMEOUT)
+                return "OK"
+            except grpc.RpcError as e:
+                return e.code().name
+
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(send, range(6)))
+        assert codes.count("OK") >= 2 and "RESOURCE_EXHAUSTED" in codes, codes
+
+        def broken(signature, arrays):
+            raise RuntimeError("the model broke")
+
+        monkeypatch.setattr(small.model, "run", broken)
+        with caplog.at_level("INFO", logger="tlkit.serve"):
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Predict(predict_request(image_bytes=[FILES[0].read_bytes()]), TIMEOUT)
+        channel.close()
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert "the model broke" not in raised.value.details()
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("ERROR", "grpc Predict internal error") in logged
+    assert any(level == "ERROR" and message.startswith("grpc Predict INTERNAL 0 image(s)")
+               for level, message in logged), logged
+    assert not any("OK" in message.split()[2:3] for _, message in logged), logged

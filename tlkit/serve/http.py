@@ -231,6 +231,9 @@ class _Connection(asyncio.Protocol):
                 self._dispatch(body)
 
     def _read_head(self):
+        if not 65 <= self.buffer[0] <= 90:  # a method starts with A-Z: fail garbage at once
+            raise HttpError(HTTPStatus.BAD_REQUEST, "Malformed request line: "
+                            f"{bytes(self.buffer[:40])!r}")
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buffer) > self.limits.max_header_bytes:
