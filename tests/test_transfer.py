@@ -292,3 +292,17 @@ def test_init_from_adds_a_new_class(image_folder, tmp_path):
     assert second.model.output_shape[-1] == 3
     assert tlkit.load(second.export_path).class_names == ["a", "b", "c"]
     assert kernel.shape[1] == 2
+
+
+def test_default_fit_on_photos_offline_names_the_mobilenet_file(image_folder, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "kh"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    folder = image_folder(per_class=4, size=64)  # big enough for transfer learning
+    with pytest.raises(WeightsError) as info:
+        tlkit.fit(folder, runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm", verbose=0)
+    message = str(info.value)
+    assert "mobilenet_1_0_224_tf_no_top.h5" in message
+    assert str(tmp_path / "kh" / "models") in message and "--backbone scratch" in message
+    assert not (tmp_path / "runs").exists()

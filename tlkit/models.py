@@ -78,7 +78,7 @@ def _download_error(spec, error):
         f"Fix: download that file on a connected machine and put it at {target} (Keras's "
         "cache; it is used from there without a download), or pass `--weights PATH` with a "
         "weights file, or `--weights none` to start from random weights (every layer is "
-        "then trained)."
+        "then trained), or `--backbone scratch` for tlkit's from-scratch CNN."
     )
 
 
