@@ -281,3 +281,31 @@ def test_data_json_reports_classes_and_counts(first):
     assert report["class_names"] == list(CLASSES)
     assert sum(map(sum, report["counts"].values())) == 8 * len(CLASSES)
     assert report["skipped"] == []
+
+
+# --- What the SavedModel stores ---------------------------------------------------------------
+
+
+def test_each_variable_is_stored_once(first):
+    reader = tf.train.load_checkpoint(str(first.export_path / "variables" / "variables"))
+    dtypes = reader.get_variable_to_dtype_map()
+    stored = {name: shape for name, shape in reader.get_variable_to_shape_map().items()
+              if name.endswith("VARIABLE_VALUE")}
+    assert len(stored) == len(first.model.variables)
+    stored_bytes = sum(int(np.prod(shape)) * dtypes[name].size for name, shape in stored.items())
+    assert stored_bytes == sum(np.asarray(v).nbytes for v in first.model.variables)
+
+
+def test_the_signatures_share_one_forward_graph(first):
+    """Every convolution of the backbone appears once in the SavedModel's graphs, however
+    many signatures run it."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((first.export_path / "saved_model.pb").read_bytes())
+    library = saved.meta_graphs[0].graph_def.library
+    convolutions = sum(node.op == "Conv2D" for function in library.function
+                       for node in function.node_def)
+    layers = [layer for layer in first.model.get_layer("backbone").layers
+              if isinstance(layer, keras.layers.Conv2D)]
+    assert len(layers) > 1 and convolutions == len(layers)

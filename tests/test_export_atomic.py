@@ -22,16 +22,15 @@ def visible(folder):
 
 def test_disk_full_midway_leaves_nothing_and_the_next_export_takes_version_1(
         model, tmp_path, monkeypatch):
-    import keras
+    import tensorflow as tf
 
-    archive_class = type(keras.export.ExportArchive())
-    real_write_out = archive_class.write_out
+    real_save = tf.saved_model.save
 
-    def write_then_fail(self, filepath, *args, **kwargs):
-        real_write_out(self, filepath, *args, **kwargs)  # the files exist, then the disk fills
+    def save_then_fail(*args, **kwargs):
+        real_save(*args, **kwargs)  # the files exist, then the disk fills
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(archive_class, "write_out", write_then_fail)
+    monkeypatch.setattr(tf.saved_model, "save", save_then_fail)
     with pytest.raises(ExportError, match="No space left on device"):
         export_classifier(model, ["a", "b"], tmp_path, "m", image_size=32, resize="squash")
     assert visible(tmp_path / "m") == []

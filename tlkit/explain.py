@@ -42,12 +42,16 @@ def default_layer(model):
     return names[-1]
 
 
-def make_gradcam(model, layer=None):
+def make_gradcam(model, layer=None, forward=None):
     """Builds the Grad-CAM function of a tlkit classifier.
 
     Args:
         model: a tlkit classifier (layers `preprocess`, `backbone`, head layers).
         layer: name of a backbone layer with a spatial output; `None`: `default_layer`.
+        forward: a function from float32 images (0..255) to the backbone's output, used
+            when `layer` is the backbone's last layer; `None`: the model's `preprocess` and
+            `backbone` layers. The export passes the traced forward pass of its
+            `predict_images` signature, so both signatures share one graph.
 
     Returns:
         `(fn, layer_name)` where `fn(images, class_ids)` takes float32 images
@@ -60,16 +64,28 @@ def make_gradcam(model, layer=None):
         raise ConfigError(f"`layer` must be one of {spatial_layers(model)}. "
                           f"Received: layer={layer!r}")
     backbone = model.get_layer("backbone")
-    features = _feature_model(backbone, layer)
     preprocess = model.get_layer("preprocess")
     head = [model.get_layer(name) for name in ("pooler", "output_dropout")
             if name in [lyr.name for lyr in model.layers]]
     predictions = model.get_layer("predictions")
     size = model.input_shape[1]
+    # `before` runs outside the gradient tape, `after` inside it, from `before`'s output to
+    # (feature map, backbone output).
+    if layer == backbone.layers[-1].name:  # the feature map is the backbone's output
+        before = forward or (lambda images: backbone(preprocess(images), training=False))
+
+        def after(output):
+            return output, output
+    else:
+        before, features = preprocess, _feature_model(backbone, layer)
+
+        def after(inputs):
+            return features(inputs, training=False)
 
     def fn(images, class_ids):
+        inputs = before(images)
         with tf.GradientTape() as tape:
-            feature_map, output = features(preprocess(images), training=False)
+            feature_map, output = after(inputs)
             tape.watch(feature_map)
             x = output
             for layer_ in head:

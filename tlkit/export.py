@@ -186,22 +186,12 @@ def _outputs(probabilities, class_names):
 
 def _write(model, class_names, path, image_size, resize, metadata):
     size = int(image_size)
-
-    def predict_images(images):
-        return _outputs(model(images, training=False), class_names)
-
-    def serving_default(image_bytes):
-        return predict_images(_decode_batch(image_bytes, size, resize))
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", serving_default,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint("predict_images", predict_images,
-                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
-                                                        name="images")])
-    explain_layer = _add_explain_endpoints(archive, model, size, resize)
-    archive.write_out(str(path), verbose=False)
+    signatures, explain_layer = _signatures(model, class_names, size, resize)
+    # The root holds each variable once: the TensorFlow variables the signatures read (a
+    # Keras model tracked beside them would store every weight a second time).
+    root = tf.Module()
+    root.variables_used = [variable.value for variable in model.variables]
+    tf.saved_model.save(root, str(path), signatures=signatures)
     assets = path / "assets"
     assets.mkdir(exist_ok=True)
     (assets / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names))
@@ -225,26 +215,49 @@ def _write(model, class_names, path, image_size, resize, metadata):
     (assets / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n")
 
 
-def _add_explain_endpoints(archive, model, size, resize):
-    """Adds the Grad-CAM signatures; returns their layer, or None if the model has no
-    feature map larger than 1x1 to explain with."""
+def _signatures(model, class_names, size, resize):
+    """The export's signatures as concrete functions, and the Grad-CAM layer (None when the
+    model has no feature map to explain with).
+
+    Each graph is traced once: the decoding, the backbone's forward pass and the Grad-CAM
+    gradient; `serving_default` and `explain` call the functions of `predict_images` and
+    `explain_images`, which share the backbone's, so the SavedModel holds each graph once.
+    """
+    images = tf.TensorSpec([None, size, size, 3], tf.float32, name="images")
+    image_bytes = tf.TensorSpec([None], tf.string, name="image_bytes")
+    preprocess, backbone = model.get_layer("preprocess"), model.get_layer("backbone")
+    head = model.layers[model.layers.index(backbone) + 1:]
+    forward = _trace(lambda images: backbone(preprocess(images), training=False), images)
+
+    def predict(images):
+        x = forward(images)
+        for layer in head:
+            x = layer(x, training=False)
+        return _outputs(x, class_names)
+
+    decode = _trace(lambda image_bytes: _decode_batch(image_bytes, size, resize), image_bytes)
+    predict_images = _trace(predict, images)
+    signatures = {
+        "predict_images": predict_images,
+        "serving_default": _trace(lambda image_bytes: predict_images(decode(image_bytes)),
+                                  image_bytes),
+    }
     try:
-        gradcam, layer = make_gradcam(model)
+        gradcam, layer = make_gradcam(model, forward=forward)
     except ConfigError:
-        return None
+        return signatures, None
     class_ids = tf.TensorSpec([None], tf.int64, name="class_ids")
+    explain_images = _trace(gradcam, images, class_ids)
+    signatures["explain_images"] = explain_images
+    signatures["explain"] = _trace(
+        lambda image_bytes, class_ids: explain_images(decode(image_bytes), class_ids),
+        image_bytes, class_ids)
+    return signatures, layer
 
-    def explain_images(images, class_ids):
-        return gradcam(images, class_ids)
 
-    def explain(image_bytes, class_ids):
-        return gradcam(_decode_batch(image_bytes, size, resize), class_ids)
-
-    archive.add_endpoint("explain_images", explain_images, input_signature=[
-        tf.TensorSpec([None, size, size, 3], tf.float32, name="images"), class_ids])
-    archive.add_endpoint("explain", explain, input_signature=[
-        tf.TensorSpec([None], tf.string, name="image_bytes"), class_ids])
-    return layer
+def _trace(fn, *specs):
+    """`fn` traced once for `specs`: a concrete function."""
+    return tf.function(fn, input_signature=list(specs), autograph=False).get_concrete_function()
 
 
 def _decode_batch(image_bytes, size, resize):
