@@ -214,6 +214,37 @@ def test_evaluate_arrays_checks_its_arguments():
         evaluate_arrays("not a model", flat_images([0]), [0], ["a", "b"])
 
 
+def test_evaluate_arrays_uses_given_probabilities(monkeypatch):
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("the model was run although its probabilities were given")
+
+    monkeypatch.setattr("tlkit.evaluate.predict_probabilities", no_forward_pass)
+    given = [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]
+    report = evaluate_arrays(brightness_model(), flat_images([0, 255, 250]), [0, 1, 1],
+                             ["dark", "light"], probabilities=given)
+    assert report.metrics["accuracy"] == pytest.approx(2 / 3)
+    assert [m.source for m in report.mistakes] == ["array[2]"]
+    with pytest.raises(ConfigError, match=r"probabilities.*\(3, 2\).*Received"):
+        evaluate_arrays(brightness_model(), flat_images([0, 255, 250]), [0, 1, 1],
+                        ["dark", "light"], probabilities=given[:2])
+
+
+def test_probability_metrics_equal_evaluate_on_the_dataset():
+    import tensorflow as tf
+
+    from tlkit.training import evaluate, predict_probabilities, probability_metrics
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (21, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, 21).astype(np.int64)
+    model = brightness_model()
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4).map(
+        lambda x, y: (tf.cast(x, tf.float32), y))
+    probabilities = predict_probabilities(model, images, 4)
+    assert probability_metrics(labels, probabilities, 4) == evaluate(model, dataset)
+    assert np.isnan(probability_metrics(labels[:0], probabilities[:0], 4)["loss"])
+
+
 # --- evaluate_folder on a tiny trained export -------------------------------------------------
 
 CLASSES = ("circle", "square", "star")
@@ -361,3 +392,26 @@ def test_evaluate_folder_with_no_readable_image(export_path, tmp_path):
     (folder / "circle" / "a.png").write_bytes(b"nothing")
     with pytest.raises(DataError, match="No image .* could be read"):
         evaluate_folder(folder, export_path)
+
+
+def test_fit_evaluates_each_split_with_one_forward_pass(base, monkeypatch):
+    import tlkit.api
+    import tlkit.evaluate
+
+    folder = write_image_folder(base / "one_pass", classes=CLASSES, per_class=10, size=20)
+    passes = []
+    real = tlkit.api.predict_probabilities
+
+    def counted(model, images, batch_size=256):
+        passes.append(len(images))
+        return real(model, images, batch_size)
+
+    monkeypatch.setattr(tlkit.api, "predict_probabilities", counted)
+    monkeypatch.setattr(tlkit.evaluate, "predict_probabilities", counted)
+    result = tlkit.fit(str(folder), image_size=SIZE, epochs=1, batch_size=8,
+                       augment="none", flip="none", verbose=0, test_split=0.2,
+                       export_dir=str(base / "one_pass_exports"),
+                       runs_dir=str(base / "one_pass_runs"))
+    assert passes == [6, 6]  # val, then test: 20% of 30 images each
+    saved = json.loads((result.run_dir / "evaluation_val" / "metrics.json").read_text())
+    assert saved["metrics"]["accuracy"] == result.metrics["val"]["accuracy"]

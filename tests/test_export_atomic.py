@@ -61,6 +61,12 @@ def test_an_export_that_does_not_reproduce_the_model_is_not_published(model, tmp
     with pytest.raises(ExportError, match="does not reproduce the model"):
         verify_export(tmp_path / "candidate", model, images)
     verify_export(tmp_path / "candidate", other, images)
+    # Probabilities computed beforehand (by the evaluation) are checked the same way.
+    with pytest.raises(ExportError, match="does not reproduce the model"):
+        verify_export(tmp_path / "candidate", other, images, np.asarray(model(images)))
+    verify_export(tmp_path / "candidate", other, images, np.asarray(other(images)))
+    with pytest.raises(ExportError, match="verify_probabilities"):
+        verify_export(tmp_path / "candidate", other, images, np.asarray(other(images))[:2])
 
 
 def test_unwritable_export_dir_is_a_clear_error(model, tmp_path):

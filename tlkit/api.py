@@ -36,8 +36,8 @@ from tlkit.export import CALIBRATION_IMAGES, check_version_free, export_classifi
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation, copy_classifier)
 from tlkit.plots import plot_history
-from tlkit.training import (HEAD, adapt_batchnorm_momentum, evaluate, parse_stages,
-                            plan_stages, run_schedule)
+from tlkit.training import (HEAD, adapt_batchnorm_momentum, parse_stages, plan_stages,
+                            predict_probabilities, probability_metrics, run_schedule)
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 
@@ -179,13 +179,16 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                 print(f"Worker {cluster.worker} done; the chief (worker 0) evaluates, writes "
                       f"the run folder {run_dir} and exports.")
             return FitResult(config, run_dir, None, history, {}, model)
-        metrics = {name: evaluate(model, make_dataset(data.splits[name], batch))
-                   for name in ("val", "test") if name in data.splits}
+        probabilities = {name: predict_probabilities(model, data.splits[name].images, batch)
+                         for name in ("val", "test") if name in data.splits}
+        metrics = {name: probability_metrics(data.splits[name].labels, values, batch)
+                   for name, values in probabilities.items()}
         schedule = _schedule_report(results)
         evaluation = {name: _evaluation_summary(evaluate_arrays(
             model, data.splits[name].images, data.splits[name].labels, data.class_names,
-            output_dir=run_dir / f"evaluation_{name}", sources=data.splits[name].files))
-            for name in ("val", "test") if name in data.splits}
+            output_dir=run_dir / f"evaluation_{name}", sources=data.splits[name].files,
+            probabilities=values))
+            for name, values in probabilities.items()}
 
         model.save(run_dir / "model.keras")
         model.get_layer("backbone").save_weights(run_dir / BACKBONE_WEIGHTS)
@@ -205,6 +208,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                       "data": {n: len(s) for n, s in data.splits.items()},
                       "run_dir": str(run_dir), "config": config.to_dict()},
             verify_images=data.splits["val"].images[:8],
+            verify_probabilities=probabilities["val"][:8],
             model_card=_model_card(config, data, schedule, evaluation),
             calibration_images=_calibration_sample(data.splits["train"], config.seed),
             overwrite=config.export.overwrite,

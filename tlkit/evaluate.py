@@ -340,7 +340,7 @@ def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, ba
 
 
 def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
-                    output_dir=None, worst=16, sources=None):
+                    output_dir=None, worst=16, sources=None, probabilities=None):
     """Evaluates a classifier on images already in memory (for example a validation split).
 
     Args:
@@ -352,6 +352,9 @@ def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
         top_k, batch_size, output_dir, worst: as in `evaluate_folder`.
         sources: a name per image for the mistake list (for example its file path);
             `None` names them `array[i]`.
+        probabilities: the model's probabilities for `images`, `(n, classes)`, when they
+            are already computed (`tlkit.fit` computes them once per split for its metrics
+            and this report); `None`: the model predicts them here.
 
     Returns:
         An `EvaluationReport` (with `skipped` empty).
@@ -383,7 +386,13 @@ def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
         if len(values) != len(images):
             raise ConfigError(f"`{name}` must have one entry per image ({len(images)}). "
                               f"Received: {len(values)} {name}")
-    if isinstance(model, Classifier):
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities)
+        if probabilities.shape != (len(images), outputs):
+            raise ConfigError(f"`probabilities` must have shape ({len(images)}, {outputs}): "
+                              "one row per image, one column per class. Received: "
+                              f"probabilities.shape={probabilities.shape}")
+    elif isinstance(model, Classifier):
         probabilities = model.predict_arrays(images, batch_size)
     else:
         probabilities = predict_probabilities(model, images, batch_size)

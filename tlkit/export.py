@@ -50,8 +50,9 @@ VERIFY_TOLERANCE = 1e-5
 
 
 def export_classifier(model, class_names, export_dir, name, *, image_size, resize,
-                      version=None, metadata=None, verify_images=None, model_card=None,
-                      calibration_images=None, overwrite=False):
+                      version=None, metadata=None, verify_images=None,
+                      verify_probabilities=None, model_card=None, calibration_images=None,
+                      overwrite=False):
     """Writes `model` as `<export_dir>/<name>/<version>/`, atomically, and returns that path.
 
     Args:
@@ -66,6 +67,8 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         metadata: extra JSON-ready metadata (backbone, metrics, ...) for `tlkit.json`.
         verify_images: a few uint8 images `(n, size, size, 3)` used to check the written
             export against `model`; `None` checks with one mid-grey image.
+        verify_probabilities: `model`'s probabilities for `verify_images` when they are
+            already computed (for example by the evaluation); `None`: `model` predicts them.
         model_card: markdown text written as `assets/MODEL_CARD.md`.
         calibration_images: uint8 images `(n, size, size, 3)` from the training data, written
             as `assets.extra/calibration.npz` for int8 quantisation (`tlkit.tflite`).
@@ -110,7 +113,7 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
             (staging / "assets" / MODEL_CARD_FILE).write_text(model_card)
         if verify_images is None:
             verify_images = np.full((1, image_size, image_size, 3), 128, np.uint8)
-        verify_export(staging, model, verify_images)
+        verify_export(staging, model, verify_images, verify_probabilities)
         _publish(staging, target)
     except OSError as e:
         raise ExportError(f"Cannot write export {str(target)!r}: {e}") from None
@@ -270,13 +273,15 @@ def _decode_batch(image_bytes, size, resize):
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
 
-def verify_export(path, model, images):
+def verify_export(path, model, images, expected=None):
     """Reloads an export and checks its `predict_images` output against `model`.
 
     Args:
         path: the export folder.
         model: the in-memory Keras model it was written from.
         images: uint8 images `(n, size, size, 3)` to compare on.
+        expected: `model`'s probabilities for `images` if already computed; `None`:
+            computed here.
 
     Raises:
         ExportError: if the largest difference in probabilities exceeds 1e-5.
@@ -284,7 +289,12 @@ def verify_export(path, model, images):
     loaded = tf.saved_model.load(str(path))
     batch = tf.constant(np.asarray(images), tf.float32)
     exported = loaded.signatures["predict_images"](images=batch)["probabilities"].numpy()
-    expected = np.asarray(model(batch, training=False))
+    if expected is None:
+        expected = model(batch, training=False)
+    expected = np.asarray(expected)
+    if expected.shape != exported.shape:
+        raise ExportError(f"`verify_probabilities` must have shape {exported.shape}, one row "
+                          f"per verify image. Received: shape={expected.shape}")
     difference = float(np.max(np.abs(exported - expected)))
     if difference > VERIFY_TOLERANCE:
         raise ExportError(

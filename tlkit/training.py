@@ -344,6 +344,29 @@ def _eval_step(model, images, labels):
     return _batch_sums(labels, probabilities, losses)
 
 
+def probability_metrics(labels, probabilities, batch_size):
+    """Mean cross-entropy loss and accuracy of probabilities already predicted, computed
+    exactly as `evaluate` computes them on a dataset of `batch_size` batches.
+
+    Args:
+        labels: integer class index per row of `probabilities`.
+        probabilities: float32 array `(n, classes)`.
+        batch_size: the batch size the probabilities were predicted with.
+
+    Returns:
+        A dict with `"loss"` and `"accuracy"` (NaN for no row).
+    """
+    totals = np.zeros(3)
+    for start in range(0, len(labels), batch_size):
+        batch_labels = tf.constant(np.asarray(labels[start:start + batch_size], np.int64))
+        batch = tf.constant(np.asarray(probabilities[start:start + batch_size], np.float32))
+        losses = keras.losses.sparse_categorical_crossentropy(batch_labels, batch)
+        totals += [float(v) for v in _batch_sums(batch_labels, batch, losses)]
+    if not totals[2]:
+        return {"loss": math.nan, "accuracy": math.nan}
+    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
+
+
 def predict_probabilities(model, images, batch_size=256):
     """Class probabilities for a uint8 or float array of images, in batches."""
     if not len(images):
