@@ -7,13 +7,14 @@ Every step is a public function of its own module; this one only wires them toge
 writes the run folder, so a Python user can replace any step.
 """
 
+import contextlib
 import csv
 import datetime
 import itertools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -52,6 +53,7 @@ class FitResult:
     history: list  # one dict per epoch
     metrics: dict  # "val" (and "test") -> {"loss", "accuracy"} of the kept weights
     model: keras.Model  # the trained Keras model
+    seconds: dict = field(default_factory=dict)  # time per step: decode, features, epochs, ...
 
 
 def fit(data_dir=None, *, config=None, resume=None, **options):
@@ -90,6 +92,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
     """
     if config is not None and not isinstance(config, FitConfig):
         raise ConfigError(f"`config` must be a FitConfig. Received: config={config!r}")
+    clock = _Clock()
     if resume is not None:
         run_dir, config, state = _resumable_run(resume, data_dir, config, options)
     else:
@@ -116,9 +119,11 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
     else:
         backbone = build_backbone(spec.name, config.data.image_size, config.model.weights)
 
-    data = load_image_data(config.data, seed=config.seed, verbose=verbose)
+    with clock.step("decode"):
+        data = load_image_data(config.data, seed=config.seed, verbose=verbose)
     try:
-        leaks = split_leaks(data)
+        with clock.step("decode"):
+            leaks = split_leaks(data)
         if leaks:
             data.warnings.append(
                 f"{len(leaks)} near-duplicate image pair(s) straddle the splits (e.g. "
@@ -154,7 +159,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
         if config.train.class_weight == "auto":
             weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
         try:
-            with failures(cluster, run_dir):
+            with failures(cluster, run_dir), clock.step("epochs"):
                 results = run_schedule(
                     trained, groups, stages, train_ds, val_ds, patience=config.train.patience,
                     freeze_batchnorm=pretrained and not config.model.train_bn,
@@ -164,7 +169,8 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                     steps_per_execution=config.train.steps_per_execution,
                     jit_compile=config.train.jit == "on", strategy=cluster.strategy,
                     keep_previous_state=cluster.workers > 1,
-                    stage_inputs=_feature_inputs(config, spec, trained, data, verbose))
+                    stage_inputs=_feature_inputs(config, spec, trained, data, verbose,
+                                                 clock))
         except KeyboardInterrupt:
             raise Interrupted(
                 "Training interrupted; every completed epoch is saved in "
@@ -179,42 +185,47 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                 print(f"Worker {cluster.worker} done; the chief (worker 0) evaluates, writes "
                       f"the run folder {run_dir} and exports.")
             return FitResult(config, run_dir, None, history, {}, model)
-        probabilities = {name: predict_probabilities(model, data.splits[name].images, batch)
-                         for name in ("val", "test") if name in data.splits}
-        metrics = {name: probability_metrics(data.splits[name].labels, values, batch)
-                   for name, values in probabilities.items()}
+        with clock.step("evaluation"):
+            probabilities = {name: predict_probabilities(model, data.splits[name].images,
+                                                         batch)
+                             for name in ("val", "test") if name in data.splits}
+            metrics = {name: probability_metrics(data.splits[name].labels, values, batch)
+                       for name, values in probabilities.items()}
+            evaluation = {name: _evaluation_summary(evaluate_arrays(
+                model, data.splits[name].images, data.splits[name].labels, data.class_names,
+                output_dir=run_dir / f"evaluation_{name}", sources=data.splits[name].files,
+                probabilities=values))
+                for name, values in probabilities.items()}
         schedule = _schedule_report(results)
-        evaluation = {name: _evaluation_summary(evaluate_arrays(
-            model, data.splits[name].images, data.splits[name].labels, data.class_names,
-            output_dir=run_dir / f"evaluation_{name}", sources=data.splits[name].files,
-            probabilities=values))
-            for name, values in probabilities.items()}
-
-        model.save(run_dir / "model.keras")
-        model.get_layer("backbone").save_weights(run_dir / BACKBONE_WEIGHTS)
-        _write_json(run_dir / "schedule.json", schedule)
-        _write_json(run_dir / "history.json", history)
-        _write_csv(run_dir / "history.csv", history)
-        plot_history(history, run_dir / "curves.png", title=f"{config.export.name}: "
-                     f"{config.model.backbone} at {config.data.image_size}px")
-        export_path = export_classifier(
-            model, data.class_names, config.export.export_dir, config.export.name,
-            image_size=config.data.image_size, resize=config.data.resize,
-            version=config.export.version,
-            metadata={"backbone": config.model.backbone, "metrics": metrics,
-                      "evaluation": evaluation,
-                      "weights": config.model.weights, "schedule": schedule,
-                      "epochs_trained": len(history),
-                      "data": {n: len(s) for n, s in data.splits.items()},
-                      "run_dir": str(run_dir), "config": config.to_dict()},
-            verify_images=data.splits["val"].images[:8],
-            verify_probabilities=probabilities["val"][:8],
-            model_card=_model_card(config, data, schedule, evaluation),
-            calibration_images=_calibration_sample(data.splits["train"], config.seed),
-            overwrite=config.export.overwrite,
-        )
+        with clock.step("run folder"):
+            model.save(run_dir / "model.keras")
+            model.get_layer("backbone").save_weights(run_dir / BACKBONE_WEIGHTS)
+            _write_json(run_dir / "schedule.json", schedule)
+            _write_json(run_dir / "history.json", history)
+            _write_csv(run_dir / "history.csv", history)
+            plot_history(history, run_dir / "curves.png", title=f"{config.export.name}: "
+                         f"{config.model.backbone} at {config.data.image_size}px")
+        with clock.step("export"):
+            export_path = export_classifier(
+                model, data.class_names, config.export.export_dir, config.export.name,
+                image_size=config.data.image_size, resize=config.data.resize,
+                version=config.export.version,
+                metadata={"backbone": config.model.backbone, "metrics": metrics,
+                          "evaluation": evaluation,
+                          "weights": config.model.weights, "schedule": schedule,
+                          "epochs_trained": len(history),
+                          "data": {n: len(s) for n, s in data.splits.items()},
+                          "run_dir": str(run_dir), "config": config.to_dict()},
+                verify_images=data.splits["val"].images[:8],
+                verify_probabilities=probabilities["val"][:8],
+                model_card=_model_card(config, data, schedule, evaluation),
+                calibration_images=_calibration_sample(data.splits["train"], config.seed),
+                overwrite=config.export.overwrite,
+            )
+        timings = clock.seconds()
         _write_json(run_dir / "result.json", {"export_path": str(export_path),
-                                              "metrics": metrics, "schedule": schedule})
+                                              "metrics": metrics, "schedule": schedule,
+                                              "seconds": timings})
         clear_state(run_dir)
     finally:
         data.close()
@@ -223,7 +234,43 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
             print(f"{name}: loss={values['loss']:.4f} accuracy={values['accuracy']:.4f}")
         print(f"Run folder: {run_dir}")
         print(f"Exported: {export_path}")
-    return FitResult(config, run_dir, export_path, history, metrics, model)
+        print(_Clock.line(timings))
+    return FitResult(config, run_dir, export_path, history, metrics, model, timings)
+
+
+class _Clock:
+    """Seconds per step of a run since it started; `epochs` excludes the feature extraction
+    that runs inside the schedule."""
+
+    def __init__(self):
+        self._started = time.perf_counter()
+        self._seconds = {}
+
+    @contextlib.contextmanager
+    def step(self, name):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def seconds(self):
+        """`{step: seconds}` in the order of a run, with `other` and `total`."""
+        steps = dict(self._seconds)
+        if "epochs" in steps:
+            steps["epochs"] -= steps.get("features", 0.0)
+        order = ("decode", "features", "epochs", "evaluation", "run folder", "export")
+        steps = {name: round(steps[name], 2) for name in order if name in steps}
+        total = time.perf_counter() - self._started
+        return {**steps, "other": round(total - sum(steps.values()), 2),
+                "total": round(total, 2)}
+
+    @staticmethod
+    def line(seconds):
+        """One line: the total, then each step."""
+        steps = ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items()
+                          if name != "total")
+        return f"Time: {seconds['total']:.1f} s in fit: {steps}"
 
 
 class Interrupted(TlkitError):
@@ -339,7 +386,7 @@ def _schedule(config, group_names, pretrained):
                        unfreeze=train.unfreeze, fine_tune_epochs=train.fine_tune_epochs)
 
 
-def _feature_inputs(config, spec, model, data, verbose):
+def _feature_inputs(config, spec, model, data, verbose, clock):
     """Stage inputs that train the head on cached backbone features while the backbone is
     frozen (`tlkit.features`), or None when the run does not use them."""
     if not (config.model.pretrained and config.train.feature_cache):
@@ -361,11 +408,12 @@ def _feature_inputs(config, spec, model, data, verbose):
         if stage.target != HEAD:
             return None
         started = time.perf_counter()
-        train = split_features(model, data.splits["train"], data.splits["train"].digests,
-                               cache, settings, augmenter, config.train.cached_views,
-                               verbose=verbose, seed=config.seed + 1)
-        val = split_features(model, data.splits["val"], data.splits["val"].digests, cache,
-                             settings, verbose=verbose)
+        with clock.step("features"):
+            train = split_features(model, data.splits["train"], data.splits["train"].digests,
+                                   cache, settings, augmenter, config.train.cached_views,
+                                   verbose=verbose, seed=config.seed + 1)
+            val = split_features(model, data.splits["val"], data.splits["val"].digests, cache,
+                                 settings, verbose=verbose)
         if verbose:
             views, count = train.features.shape[:2]
             source = "from the cache" if train.from_cache and val.from_cache else "computed"

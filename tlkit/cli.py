@@ -8,21 +8,20 @@ without a traceback. TensorFlow is imported only inside commands, so `--help` is
 import csv
 import functools
 import json
-import os
 import sys
 
 import click
 
-from tlkit import __version__
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tlkit import TF_LOGS_ENV, __version__, import_tensorflow, show_tensorflow_logs
 
 
 def _user_errors(command):
-    """Turns tlkit's errors into click errors: one line, exit code 1."""
+    """Runs a command with TensorFlow imported quietly (`tlkit.import_tensorflow`) and turns
+    tlkit's errors into click errors: one line, exit code 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        import_tensorflow()  # without its start-up log lines, unless --verbose
         from tlkit.errors import TlkitError
 
         try:
@@ -37,7 +36,9 @@ def _user_errors(command):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="tlkit")
-def main():
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's own log lines (start-up "
+              f"notices, CUDA probes), hidden by default; also: {TF_LOGS_ENV}=1.")
+def main(verbose):
     """tlkit: a folder of images in, a TensorFlow SavedModel image classifier out.
 
     \b
@@ -45,6 +46,8 @@ def main():
       tlkit fit data/digits --flip none     # train, evaluate, export to saved_models/
       tlkit predict data/digits/3/3_0003.png
     """
+    if verbose:
+        show_tensorflow_logs()
 
 
 @main.command()
