@@ -65,7 +65,8 @@ def exif_with_orientation(orientation):
 def serving(path, image_size, resize):
     """The exported graph's view of a file: TF decode of its bytes, then the shared resize."""
     data = tf.constant(path.read_bytes())
-    return images.resize_image(images.decode_bytes(data), image_size, resize).numpy()
+    decoded = images.decode_bytes(data, image_size=image_size)
+    return images.resize_image(decoded, image_size, resize).numpy()
 
 
 def max_abs_diff(a, b):
@@ -455,8 +456,8 @@ def test_decode_bytes_equals_decode_file(agreement_files, kind):
 def test_decode_bytes_in_tf_function_with_string_signature(agreement_files):
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
     def serve(data):
-        image = images.decode_bytes(data)
-        return image, images.resize_image(image, 32, "pad")
+        return images.decode_bytes(data), images.resize_image(
+            images.decode_bytes(data, image_size=32), 32, "pad")
 
     concrete = serve.get_concrete_function()
     assert concrete.structured_outputs[0].shape.as_list() == [None, None, 3]
@@ -523,3 +524,40 @@ def test_serving_decodes_webp_with_alpha(tmp_path):
     np.testing.assert_array_equal(images.decode_file(path), pixels)
     decoded = images.decode_bytes(tf.constant(path.read_bytes())).numpy()
     np.testing.assert_array_equal(decoded, pixels)
+
+
+# --- Large JPEGs decode at a reduced DCT scale, alike in training and serving ----------------
+
+
+@pytest.mark.parametrize("size, scale", [(300, 2), (150, 4), (75, 8), (301, 1)])
+@pytest.mark.parametrize("quality, subsampling", [(75, 2), (90, 0)])  # 4:2:0 and 4:4:4
+def test_scaled_jpeg_decode_is_bit_exact_between_training_and_serving(tmp_path, size, scale,
+                                                                      quality, subsampling):
+    path = save(tmp_path / "photo.jpg", photo(601, 803, seed=9), quality=quality,
+                subsampling=subsampling)
+    assert images.jpeg_scale(601, 803, size) == scale
+    trained = images.decode_file(path, image_size=size)
+    assert trained.shape == (-(-601 // scale), -(-803 // scale), 3)
+    served = images.decode_bytes(tf.constant(path.read_bytes()), image_size=size).numpy()
+    assert max_abs_diff(trained, served) == 0
+    for resize in images.RESIZE_POLICIES:
+        assert max_abs_diff(images.load_image(path, size, resize),
+                            serving(path, size, resize)) == 0, resize
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_scaled_jpeg_decode_applies_exif_orientation_alike(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = save(tmp_path / "rotated.jpg", photo(400, 640, seed=3), quality=85, exif=exif)
+    trained = images.decode_file(path, image_size=100)
+    assert trained.shape == (160, 100, 3)  # 1/4 scale of 400x640, then turned
+    for resize in images.RESIZE_POLICIES:
+        assert max_abs_diff(images.load_image(path, 100, resize),
+                            serving(path, 100, resize)) == 0, resize
+
+
+def test_full_size_decode_without_image_size(tmp_path):
+    path = save(tmp_path / "photo.jpg", photo(601, 803), quality=90)
+    assert images.decode_file(path).shape == (601, 803, 3)
+    assert images.decode_bytes(tf.constant(path.read_bytes())).shape == (601, 803, 3)

@@ -227,7 +227,8 @@ def decode_images(files, image_size, resize="squash", cache="auto", cache_dir=No
     def work(index):
         path = files[index]
         try:
-            cache.array[index] = resize_fn(image_ops.decode_file(path, max_pixels)).numpy()
+            pixels = image_ops.decode_file(path, max_pixels, image_size)
+            cache.array[index] = resize_fn(pixels).numpy()
             digests[index] = file_digest(path)
             ok[index] = True
         except ImageError as e:

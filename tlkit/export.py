@@ -267,7 +267,8 @@ def _decode_batch(image_bytes, size, resize):
     """Encoded images -> float32 `(n, size, size, 3)` with the training contract."""
 
     def one(data):
-        return tf.cast(resize_image(decode_bytes(data), size, resize), tf.float32)
+        return tf.cast(resize_image(decode_bytes(data, image_size=size), size, resize),
+                       tf.float32)
 
     return tf.map_fn(one, image_bytes,
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
