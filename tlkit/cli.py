@@ -89,7 +89,7 @@ def main(verbose):
               help="Train the head on cached backbone features while the backbone is "
               "frozen [default: on].")
 @click.option("--cached-views", type=int, help="Augmented views per image in the feature "
-              "cache [default: 4 with augmentation, else 1].")
+              "cache [default: 1].")
 @click.option("--steps-per-execution", type=click.IntRange(min=1),
               help="Train steps per call into the graph [default: 8; results are the same, "
               "only fewer Python round trips].")

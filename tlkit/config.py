@@ -145,7 +145,7 @@ class TrainConfig:
     stages: str | None = None  # explicit schedule "head:5@1e-3,block5:3@1e-4"; overrides above
     class_weight: str = "none"  # "auto": weight the loss by inverse class frequency
     feature_cache: bool = True  # frozen-backbone stages train the head on cached features
-    cached_views: int | str = "auto"  # augmented views per image; "auto": 4, 1 unaugmented
+    cached_views: int | str = 1  # augmented views per image (transfer_real --tune); "auto": 1
     feature_cache_gb: float = 5.0  # size cap of the feature cache folder
     tensorboard: bool = False  # write TensorBoard logs to <run folder>/tensorboard
     steps_per_execution: int = 8  # train steps per call into the graph (benchmarks/jit.py)
@@ -265,9 +265,8 @@ class FitConfig:
         train = self.train
         if train.unfreeze == "auto":
             train = dataclasses.replace(train, unfreeze=1 if pretrained else 0)
-        if train.cached_views == "auto":
-            augmented = model.augment != "none" or model.flip != "none"
-            train = dataclasses.replace(train, cached_views=4 if augmented else 1)
+        if train.cached_views == "auto":  # run configs written before the default was 1
+            train = dataclasses.replace(train, cached_views=1)
         group_names = [name for name, _ in spec.unfreeze_groups]
         if pretrained and train.unfreeze > len(group_names):
             raise ConfigError(
