@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from importlib import resources
 
-from tlkit.serve.model import (DEFAULT_SIGNATURE, DEFAULT_TOP_K, IMAGE_INPUT, RequestError,
-                               format_predict_response, parse_predict_body, rows_to_columns,
-                               top_k_pairs)
+from tlkit.serve.model import (DEFAULT_SIGNATURE, DEFAULT_TOP_K, IMAGE_INPUT, AsyncResults,
+                               RequestError, format_predict_response, parse_predict_body,
+                               rows_to_columns, top_k_pairs)
 
 log = logging.getLogger("tlkit.serve")
 
@@ -30,6 +30,7 @@ class RestApi:
         self.model = owner.model
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="tlkit-rest-json")
         self._page = resources.files("tlkit.serve").joinpath("page.html").read_bytes()
+        self._wakeups = None
 
     def close(self):
         """Stops the worker threads."""
@@ -100,7 +101,9 @@ class RestApi:
                 signature, arrays, count, finish = prepare(request.body)
         except RecursionError:
             raise RequestError("The request body is nested too deeply.") from None
-        outputs = await asyncio.wrap_future(self.owner.batcher.submit(signature, arrays, count))
+        if self._wakeups is None:
+            self._wakeups = AsyncResults(loop)
+        outputs = await self._wakeups.wrap(self.owner.batcher.submit(signature, arrays, count))
         if large or count > 64:
             return await loop.run_in_executor(self._pool, finish, outputs), count
         return finish(outputs), count

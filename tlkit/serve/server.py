@@ -11,10 +11,9 @@ from PIL import Image
 from tlkit.config import _check_number
 from tlkit.errors import ConfigError
 from tlkit.export import resolve_export
-from tlkit.serve.grpc_api import INSTALL_HINT, grpc_modules, start_grpc
+from tlkit.serve.grpc_api import INSTALL_HINT, GrpcServer, grpc_modules
 from tlkit.serve.http import HttpServer
-from tlkit.serve.model import (DEFAULT_SIGNATURE, DEFAULT_TOP_K, IMAGE_INPUT, Batcher,
-                               ServedModel, ServeStats, top_k_pairs)
+from tlkit.serve.model import DEFAULT_SIGNATURE, IMAGE_INPUT, Batcher, ServedModel, ServeStats
 from tlkit.serve.rest import RestApi
 
 log = logging.getLogger("tlkit.serve")
@@ -127,8 +126,9 @@ class ModelServer:
                               "Choose another port.") from None
         self.rest_port = self._http.port
         if modules is not None:
-            self._grpc, self.grpc_port = start_grpc(self, grpc_port, modules)
-            if self._grpc is None:
+            self._grpc = GrpcServer(self, grpc_port, modules)
+            self.grpc_port = self._grpc.start()
+            if self.grpc_port is None:
                 self.stop()
                 raise ConfigError(f"Cannot listen on {self.host}:{grpc_port} (gRPC). Choose "
                                   "another grpc_port.")
@@ -137,12 +137,12 @@ class ModelServer:
     def stop(self):
         """Stops accepting requests, gives the ones in flight `limits.shutdown_grace`
         seconds to be answered, then closes every connection and the batching thread."""
-        grace = self.limits.shutdown_grace
-        stopped = self._grpc.stop(grace) if self._grpc is not None else None
-        if self._http is not None:
-            self._http.stop()
-        if stopped is not None:
-            stopped.wait(grace + 1)
+        stopping = [threading.Thread(target=part.stop, name="tlkit-stop")
+                    for part in (self._grpc, self._http) if part is not None]
+        for thread in stopping:  # both at once, so the graces overlap
+            thread.start()
+        for thread in stopping:
+            thread.join()
         if self._rest is not None:
             self._rest.close()
         if self.batcher is not None:
@@ -177,12 +177,6 @@ class ModelServer:
         signature = self.model.check_signature(signature)
         arrays, count = self.model.prepare(signature, inputs)
         return self.batcher.submit(signature, arrays, count).result(timeout), count
-
-    def classify(self, images, top_k=DEFAULT_TOP_K):
-        """Encoded images -> top-k `[label, score]` pairs each."""
-        outputs, _ = self.run(DEFAULT_SIGNATURE, {IMAGE_INPUT: images})
-        k = min(top_k, len(self.model.class_names))
-        return top_k_pairs(outputs["probabilities"], self.model.class_names, k)
 
     def _warm_up(self):
         """Runs each serving path once, so the first client does not pay for tracing."""
