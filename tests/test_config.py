@@ -251,3 +251,23 @@ def test_survey_counts_the_smallest_class_and_reads_sizes_from_headers(tmp_path)
     survey = survey_folder(tmp_path)
     assert survey.images_per_class == 3
     assert survey.image_side == 50  # median of 3 x 30 and 5 x 50 (the broken file is skipped)
+
+
+@pytest.mark.parametrize("name, suggestion", [("lr", "learning_rate"), ("epoch", "epochs"),
+                                              ("backbon", "backbone")])
+def test_unknown_option_suggests_the_setting_meant(name, suggestion):
+    with pytest.raises(ConfigError, match=f"'{name}': did you mean '{suggestion}'"):
+        build_config(data_dir="x", **{name: 1})
+
+
+def test_unknown_option_with_no_close_match_lists_the_known_ones():
+    with pytest.raises(ConfigError) as info:
+        build_config(data_dir="x", colour="red")
+    assert "did you mean" not in str(info.value) and "'epochs'" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "feature_cache", "mixed_precision",
+                                  "overwrite", "train_bn"])
+def test_switches_must_be_booleans_not_numbers(name):
+    with pytest.raises(ConfigError, match=f"`{name}` must be True or False. Received: {name}=1"):
+        build_config(data_dir="x", **{name: 1})

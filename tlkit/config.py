@@ -9,6 +9,7 @@ folder, so `tlkit fit --config run/config.json` repeats the run.
 """
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -42,6 +43,11 @@ def _paths_to_str(config, *names):
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):  # 1 == True, but a config must say what it means
+        raise ConfigError(f"`{name}` must be True or False. Received: {name}={value!r}")
 
 
 def _check_number(name, value, low, high=math.inf, *, integer=False, low_open=False):
@@ -125,8 +131,7 @@ class ModelConfig:
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError("`weights` must be 'auto', 'imagenet', 'none' or a file path. "
                               f"Received: weights={self.weights!r}")
-        if not isinstance(self.train_bn, bool):
-            raise ConfigError(f"`train_bn` must be True or False. Received: train_bn={self.train_bn!r}")
+        _check_bool("train_bn", self.train_bn)
         if self.dropout != "auto":
             _check_number("dropout", self.dropout, 0.0, 0.95)
         _check_choice("augment", self.augment, AUGMENT_PRESETS)
@@ -167,11 +172,11 @@ class TrainConfig:
 
             parse_stages(self.stages)
         _check_choice("class_weight", self.class_weight, ("none", "auto"))
-        _check_choice("tensorboard", self.tensorboard, (True, False))
-        _check_choice("feature_cache", self.feature_cache, (True, False))
+        _check_bool("tensorboard", self.tensorboard)
+        _check_bool("feature_cache", self.feature_cache)
         _check_number("steps_per_execution", self.steps_per_execution, 1, integer=True)
         _check_choice("distribute", self.distribute, DISTRIBUTE_MODES)
-        _check_choice("mixed_precision", self.mixed_precision, (True, False))
+        _check_bool("mixed_precision", self.mixed_precision)
         _check_choice("jit", self.jit, JIT_MODES)
         if self.cached_views != "auto":
             _check_number("cached_views", self.cached_views, 1, 64, integer=True)
@@ -198,7 +203,7 @@ class ExportConfig:
             )
         if self.version is not None:
             _check_number("version", self.version, 1, integer=True)
-        _check_choice("overwrite", self.overwrite, (True, False))
+        _check_bool("overwrite", self.overwrite)
 
 
 @dataclass(frozen=True)
@@ -374,6 +379,11 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
              "export": ExportConfig}
 
 
+# Names people type for a setting that has another name here (the CLI's --lr, for one).
+_ALIASES = {"lr": "learning_rate", "learning_rate_head": "learning_rate", "size": "image_size",
+            "model": "backbone", "arch": "backbone", "freeze": "unfreeze"}
+
+
 def build_config(base=None, **options):
     """Builds a `FitConfig` from flat keyword options, each routed to its section by name.
 
@@ -396,8 +406,12 @@ def build_config(base=None, **options):
               for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(owners) - {"seed"})
     if unknown:
-        raise ConfigError(f"Unknown option(s) {unknown}. Known options: {sorted(owners)} "
-                          "and 'seed'.")
+        known = sorted({*owners, "seed"})
+        hints = [f"{name!r}: did you mean {close[0]!r}?" for name in unknown
+                 if (close := [_ALIASES[name]] if name in _ALIASES else
+                     difflib.get_close_matches(name, known, n=1, cutoff=0.6))]
+        raise ConfigError(f"Unknown option(s) {unknown}. " + " ".join(hints)
+                          + f" Known options: {known}.")
     values = base.to_dict() if base is not None else {}
     for key, value in options.items():
         if key == "seed":
