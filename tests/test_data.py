@@ -485,3 +485,10 @@ def test_scan_skips_fifos_and_broken_links_instead_of_hanging(tmp_path):
     for name in ("a/pipe.png", "b/gone.png"):
         assert ignored[str(root / name)].startswith("not a regular file")
         assert str(root / name) not in scan.files
+
+
+def test_auto_cache_counts_memory_the_system_can_reclaim():
+    from tlkit.data import _available_memory
+
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    assert _available_memory() == int(meminfo["MemAvailable"].split()[0]) * 1024

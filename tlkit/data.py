@@ -182,6 +182,15 @@ def default_cache_dir():
 
 
 def _available_memory():
+    """Bytes the system can give without swapping: Linux's MemAvailable (free memory plus
+    the page cache it can drop), else free pages, else 4 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
