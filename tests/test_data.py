@@ -490,5 +490,7 @@ def test_scan_skips_fifos_and_broken_links_instead_of_hanging(tmp_path):
 def test_auto_cache_counts_memory_the_system_can_reclaim():
     from tlkit.data import _available_memory
 
-    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
-    assert _available_memory() == int(meminfo["MemAvailable"].split()[0]) * 1024
+    meminfo = {key: int(value.split()[0]) * 1024 for key, value in
+               (line.split(":", 1) for line in open("/proc/meminfo"))}
+    # Other processes move both figures a little between the two readings.
+    assert abs(_available_memory() - meminfo["MemAvailable"]) < 256 << 20
