@@ -271,3 +271,10 @@ def test_unknown_option_with_no_close_match_lists_the_known_ones():
 def test_switches_must_be_booleans_not_numbers(name):
     with pytest.raises(ConfigError, match=f"`{name}` must be True or False. Received: {name}=1"):
         build_config(data_dir="x", **{name: 1})
+
+
+def test_zero_fine_tune_epochs_means_the_head_only():
+    config = build_config(data_dir="x", backbone="mobilenet", fine_tune_epochs=0).resolve()
+    assert config.train.unfreeze == 0
+    with pytest.raises(ConfigError, match="no fine-tuning"):
+        build_config(data_dir="x", backbone="mobilenet", fine_tune_epochs=0, unfreeze=1)

@@ -78,8 +78,8 @@ def main(verbose):
 @click.option("--unfreeze", type=int, help="Backbone groups to unfreeze after the head "
               "stage, one stage each, 10x lower learning rate per stage [default: 1 when "
               "pretrained].")
-@click.option("--fine-tune-epochs", type=int, help="Most epochs per unfreezing stage "
-              "[default: --epochs].")
+@click.option("--fine-tune-epochs", type=int, help="Most epochs per unfreezing stage; 0: "
+              "no fine-tuning [default: --epochs].")
 @click.option("--stages", help="Explicit schedule, e.g. 'head:5@1e-3,block5:3@1e-4,"
               "block4:3@1e-5' (TARGET:EPOCHS@LR; TARGET is head, all, or a group).")
 @click.option("--train-bn/--freeze-bn", "train_bn", default=None,

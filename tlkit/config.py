@@ -146,7 +146,8 @@ class TrainConfig:
     learning_rate: float = 1e-3  # Adam's learning rate in the first stage
     patience: int = 5  # epochs without a better val_loss before a stage stops
     unfreeze: int | str = "auto"  # groups unfrozen after the head stage; "auto": 1 if pretrained
-    fine_tune_epochs: int | None = None  # most epochs per unfreezing stage; None: `epochs`
+    fine_tune_epochs: int | None = None  # most epochs per unfreezing stage; None: `epochs`;
+    # 0: no fine-tuning (the head only)
     stages: str | None = None  # explicit schedule "head:5@1e-3,block5:3@1e-4"; overrides above
     class_weight: str = "none"  # "auto": weight the loss by inverse class frequency
     feature_cache: bool = True  # frozen-backbone stages train the head on cached features
@@ -166,7 +167,11 @@ class TrainConfig:
         if self.unfreeze != "auto":
             _check_number("unfreeze", self.unfreeze, 0, 20, integer=True)
         if self.fine_tune_epochs is not None:
-            _check_number("fine_tune_epochs", self.fine_tune_epochs, 1, integer=True)
+            _check_number("fine_tune_epochs", self.fine_tune_epochs, 0, integer=True)
+            if self.fine_tune_epochs == 0 and self.unfreeze not in ("auto", 0):
+                raise ConfigError(
+                    "`fine_tune_epochs=0` means no fine-tuning, so nothing can be unfrozen. "
+                    f"Received: fine_tune_epochs=0, unfreeze={self.unfreeze!r}")
         if self.stages is not None:
             from tlkit.training import parse_stages
 
@@ -269,7 +274,8 @@ class FitConfig:
         pretrained = model.pretrained
         train = self.train
         if train.unfreeze == "auto":
-            train = dataclasses.replace(train, unfreeze=1 if pretrained else 0)
+            fine_tune = pretrained and train.fine_tune_epochs != 0
+            train = dataclasses.replace(train, unfreeze=1 if fine_tune else 0)
         if train.cached_views == "auto":  # run configs written before the default was 1
             train = dataclasses.replace(train, cached_views=1)
         group_names = [name for name, _ in spec.unfreeze_groups]
