@@ -278,3 +278,10 @@ def test_zero_fine_tune_epochs_means_the_head_only():
     assert config.train.unfreeze == 0
     with pytest.raises(ConfigError, match="no fine-tuning"):
         build_config(data_dir="x", backbone="mobilenet", fine_tune_epochs=0, unfreeze=1)
+
+
+def test_augment_none_means_no_flips_unless_asked():
+    resolve = lambda **kw: build_config(data_dir="x", **kw).resolve().model.flip  # noqa: E731
+    assert resolve() == "horizontal"
+    assert resolve(augment="none") == "none"
+    assert resolve(augment="none", flip="vertical") == "vertical"

@@ -115,7 +115,8 @@ def main(verbose):
               help="Augmentation preset, used in training only [default: standard].")
 @click.option("--flip", type=click.Choice(["none", "horizontal", "vertical",
                                            "horizontal_and_vertical"]),
-              help="Random flips in training [default: horizontal]; `none` for digits/text.")
+              help="Random flips in training [default: horizontal, none with --augment none]; "
+              "`none` for digits/text.")
 @click.option("--seed", type=int, help="Seed for the split, weights, shuffling and "
               "augmentation [default: 42].")
 @click.option("--export-dir", type=click.Path(file_okay=False),

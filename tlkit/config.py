@@ -110,7 +110,8 @@ class ModelConfig:
     train_bn: bool = False  # let BatchNorm layers of unfrozen groups train (default: frozen)
     dropout: float | str = "auto"  # head dropout rate; "auto": the backbone's default
     augment: str = "standard"  # none | light | standard | heavy (see tlkit.augment)
-    flip: str = "horizontal"  # none | horizontal | vertical | horizontal_and_vertical
+    flip: str = "auto"  # none | horizontal | vertical | horizontal_and_vertical; "auto":
+    # horizontal, or none with augment="none"
 
     @property
     def pretrained(self):
@@ -135,7 +136,7 @@ class ModelConfig:
         if self.dropout != "auto":
             _check_number("dropout", self.dropout, 0.0, 0.95)
         _check_choice("augment", self.augment, AUGMENT_PRESETS)
-        _check_choice("flip", self.flip, FLIP_MODES)
+        _check_choice("flip", self.flip, ("auto", *FLIP_MODES))
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,9 @@ class FitConfig:
             model = dataclasses.replace(model, dropout=spec.default_dropout)
         if model.weights == "auto":
             model = dataclasses.replace(model, weights="imagenet" if spec.imagenet else "none")
+        if model.flip == "auto":
+            model = dataclasses.replace(
+                model, flip="none" if model.augment == "none" else "horizontal")
         pretrained = model.pretrained
         train = self.train
         if train.unfreeze == "auto":
