@@ -85,6 +85,15 @@ def test_status_and_metadata_follow_tf_serving(server):
                                                              "class_names"}
 
 
+def test_card_gives_the_exports_metadata_and_model_card(server, digits_export):
+    status, body = call(server.rest_url + "/card")
+    assert status == 200 and (body["name"], body["version"]) == ("digits", 1)
+    assert body["metadata"] == json.loads((digits_export / "assets" / "tlkit.json").read_text())
+    assert body["model_card"] == (digits_export / "assets" / "MODEL_CARD.md").read_text()
+    status, body = call(server.rest_url + "/versions/2/card")
+    assert status == 404 and "Specific(digits, 2)" in body["error"]
+
+
 def test_predict_row_and_columnar_formats_match_the_export(server, expected):
     files = FILES[:6]
     status, rows = call(server.rest_url + ":predict",

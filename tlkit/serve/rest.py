@@ -5,6 +5,7 @@ thread, so a 32 MiB request does not hold up everyone else's answers.
 """
 
 import asyncio
+import html
 import json
 import logging
 import time
@@ -29,7 +30,8 @@ class RestApi:
         self.owner = owner
         self.model = owner.model
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="tlkit-rest-json")
-        self._page = resources.files("tlkit.serve").joinpath("page.html").read_bytes()
+        page = resources.files("tlkit.serve").joinpath("page.html").read_text()
+        self._page = page.replace("__TLKIT_MODEL__", html.escape(self.model.name)).encode()
         self._wakeups = None
 
     def close(self):
