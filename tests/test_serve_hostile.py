@@ -220,6 +220,25 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(server):
     assert statuses == [200, 404, 200]
 
 
+def test_a_client_that_pipelines_without_reading_cannot_grow_the_send_buffer(server):
+    """3,000 pipelined requests and no reading: the server stops reading requests while
+    64 KiB of answers wait unsent, and answers all of them once the client reads."""
+    count = 3000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.rest_port))
+    with sock:
+        sock.sendall(b"GET /v1/models/digits HTTP/1.1\r\n\r\n" * count)
+        time.sleep(0.5)
+        buffered = max(c.transport.get_write_buffer_size() for c in server._http.connections)
+        assert buffered < 96 * 1024
+        data, deadline = b"", time.monotonic() + 20
+        while data.count(b"HTTP/1.1 200 ") < count and time.monotonic() < deadline:
+            data += sock.recv(1 << 16)
+    assert data.count(b"HTTP/1.1 200 ") == count
+
+
 def test_expect_100_continue_is_honoured(server):
     body = predict_body()
     with connect(server) as sock:

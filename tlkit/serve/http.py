@@ -9,7 +9,8 @@ kilobytes, never a thread. Each connection is in one of four states, each with i
 - reading the body (`Content-Length` or chunked): `body_timeout` from the end of the headers,
   at most `max_request_bytes`, else 408 or 413 and closed;
 - busy: the request is being answered; reading is paused until the answer is written, so
-  pipelined requests wait their turn.
+  pipelined requests wait their turn, and stays paused while answers pile up unread in
+  the send buffer (a client that asks without reading cannot grow it without bound).
 
 At most `max_connections` are open (more get a 503 and are closed), and the bodies held in
 memory at once are bounded too. A client that hangs up early is dropped quietly. Errors
@@ -140,6 +141,7 @@ class _Connection(asyncio.Protocol):
         self.chunks = None  # chunked body so far: (parts, position in buffer, size)
         self.keep_alive = True
         self.stopping = False
+        self.write_paused = False  # answers wait in the transport's buffer for the client
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -379,12 +381,26 @@ class _Connection(asyncio.Protocol):
         self.state = _IDLE
         self.head = None
         self._arm(self.limits.idle_timeout)
+        if not self.write_paused:
+            self._read_on()
+
+    def _read_on(self):
+        """Takes the next request: from what is buffered (pipelined), then the socket."""
         self.transport.resume_reading()
         if self.buffer:
             try:
                 self._advance()
             except HttpError as e:
                 self._refuse(e)
+
+    def pause_writing(self):
+        """The client reads its answers slower than it asks: read no more requests."""
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.state == _IDLE and not self.transport.is_closing():
+            self._read_on()
 
     def _refuse(self, error):
         """Answers an HTTP-level error and closes the connection."""
