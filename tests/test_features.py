@@ -132,3 +132,50 @@ def test_cache_command_info_and_clear(tmp_path):
     cleared = runner.invoke(main, ["cache", "clear", "--cache-dir", str(tmp_path)])
     assert cleared.exit_code == 0 and "Freed" in cleared.stdout
     assert not list((tmp_path / "features").glob("*.npy"))
+
+
+# --- The engine that computes the features -----------------------------------------------------
+
+
+def test_tensorflow_engine_is_float32_and_keys_the_cache(tmp_path):
+    from tlkit.features import FeatureEngine
+
+    model = build_classifier("lenet5", 2, 32)
+    split = make_split()
+    engine = FeatureEngine(model, "tensorflow")
+    assert engine.candidates() == [("tensorflow", "float32")]
+    cache = FeatureCache(tmp_path / "features")
+    first = split_features(model, split, split.digests, cache, SETTINGS, verbose=0,
+                           engine=engine)
+    assert (engine.name, engine.precision) == ("tensorflow", "float32")
+    assert split_features(model, split, split.digests, cache, SETTINGS, verbose=0).from_cache
+    np.testing.assert_array_equal(
+        first.features, split_features(model, split, split.digests, None, SETTINGS,
+                                       verbose=0).features)
+    with pytest.raises(tlkit.TlkitError, match="engine.*Received: engine='gpu'"):
+        FeatureEngine(model, "gpu")
+
+
+def test_openvino_engine_is_checked_against_tensorflow_float32(tmp_path):
+    pytest.importorskip("openvino")
+    from tlkit.features import ENGINE_MIN_COSINE, FeatureEngine
+
+    model = build_classifier("resnet50", 2, 32, weights="none")
+    split = make_split(count=40)
+    engine = FeatureEngine(model, "openvino")
+    if engine.candidates() == [("tensorflow", "float32")]:
+        pytest.skip("OpenVINO's CPU plugin has no BF16 on this machine")
+    cache = FeatureCache(tmp_path / "features")
+    computed = split_features(model, split, split.digests, cache, SETTINGS, verbose=0,
+                              engine=engine)
+    check = engine.check
+    assert check["engine"] == "openvino" and check["cosine"] >= ENGINE_MIN_COSINE, check
+    faster = check["images_per_second"] > check["tensorflow_images_per_second"]
+    assert engine.name == ("openvino" if faster else "tensorflow")
+    reference = split_features(model, split, split.digests, None, SETTINGS, verbose=0)
+    a, b = computed.features[0], reference.features[0]
+    cosine = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= ENGINE_MIN_COSINE
+    # Features cached by one engine are not taken for another's.
+    again = split_features(model, split, split.digests, cache, SETTINGS, verbose=0)
+    assert again.from_cache == (engine.name == "tensorflow")

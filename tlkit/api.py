@@ -391,7 +391,8 @@ def _feature_inputs(config, spec, model, data, verbose, clock):
     frozen (`tlkit.features`), or None when the run does not use them."""
     if not (config.model.pretrained and config.train.feature_cache):
         return None
-    from tlkit.features import FeatureCache, feature_dataset, head_model, split_features
+    from tlkit.features import (FeatureCache, FeatureEngine, feature_dataset, head_model,
+                                split_features)
 
     cache = FeatureCache(Path(config.data.cache_dir) / "features" if config.data.cache_dir
                          else None, config.train.feature_cache_gb * 1024**3)
@@ -409,14 +410,16 @@ def _feature_inputs(config, spec, model, data, verbose, clock):
             return None
         started = time.perf_counter()
         with clock.step("features"):
+            engine = FeatureEngine(model, verbose=verbose)
             train = split_features(model, data.splits["train"], data.splits["train"].digests,
                                    cache, settings, augmenter, config.train.cached_views,
-                                   verbose=verbose, seed=config.seed + 1)
+                                   verbose=verbose, seed=config.seed + 1, engine=engine)
             val = split_features(model, data.splits["val"], data.splits["val"].digests, cache,
-                                 settings, verbose=verbose)
+                                 settings, verbose=verbose, engine=engine)
         if verbose:
             views, count = train.features.shape[:2]
-            source = "from the cache" if train.from_cache and val.from_cache else "computed"
+            source = "from the cache" if train.from_cache and val.from_cache else \
+                f"computed ({engine.name} {engine.precision})"
             print(f"[head] backbone features for {count} x {views} view(s) + "
                   f"{len(data.splits['val'])} validation images {source} in "
                   f"{time.perf_counter() - started:.1f}s ({cache.folder})")

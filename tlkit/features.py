@@ -10,8 +10,15 @@ unfrozen stages and the export.
 
 Features are cached on disk under the user cache folder (`~/.cache/tlkit/features`), keyed
 by everything they depend on: the files' content, the backbone's weights, image size, resize
-policy, preprocessing, augmentation, views and seed. Changing the head, dropout or learning
-rate reuses them. The folder is capped in size (oldest entries go first); `tlkit cache info`
+policy, preprocessing, augmentation, views, seed, and the engine and precision that computed
+them. Changing the head, dropout or learning rate reuses them.
+
+`FeatureEngine` runs the extractor on the fastest engine the machine and the installed
+packages offer: OpenVINO in bfloat16 (`pip install openvino`, used when its CPU plugin has
+BF16, e.g. AMX or AVX512_BF16 CPUs) or TensorFlow in float32. Before OpenVINO is used, its
+features of a sample are compared with TensorFlow's float32 ones (cosine similarity at least
+`ENGINE_MIN_COSINE` on every image) and both are timed on it; it is used only if it agrees
+and is faster, else TensorFlow float32 computes them. The folder is capped in size (oldest entries go first); `tlkit cache info`
 and `tlkit cache clear` manage it.
 """
 
@@ -27,10 +34,27 @@ import numpy as np
 import tensorflow as tf
 
 from tlkit.data import default_cache_dir
+from tlkit.errors import ConfigError
 from tlkit.files import write_atomically
 
 FORMAT = 1
 DEFAULT_MAX_BYTES = 5 * 1024**3
+
+ENGINES = ("auto", "tensorflow", "openvino")
+"""`FeatureEngine` choices: `auto` picks OpenVINO bfloat16 when available, agreeing and
+faster on a sample, else TensorFlow float32."""
+
+ENGINE_MIN_COSINE = 0.9999
+"""Least cosine similarity between a candidate engine's features and TensorFlow float32's,
+on every image of the sample, for the candidate to be used."""
+
+ENGINE_SAMPLE = 32
+"""Images the candidate engine is checked and timed on."""
+
+ENGINE_MIN_SECONDS = 30.0
+"""`auto` tries OpenVINO only when TensorFlow float32 would take at least this long for the
+features to compute (estimated on the sample): converting the model takes seconds (5 s for
+ResNet50 on 2 cores), which a shorter job does not win back."""
 
 
 def feature_extractor(model):
@@ -69,11 +93,132 @@ def feature_key(files_digests, **settings):
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
-def compute_features(extractor, images, augmenter=None, views=1, batch_size=64, verbose=1):
+class FeatureEngine:
+    """Computes a frozen classifier's pooled features on TensorFlow (float32) or OpenVINO
+    (bfloat16), chosen once, on first use, by `engine`.
+
+    Args:
+        model: the tlkit classifier (its backbone frozen).
+        engine: one of `ENGINES`: `auto` (OpenVINO bfloat16 if it is installed, its CPU has
+            BF16, and on a sample its features agree with TensorFlow float32's and come
+            faster; else TensorFlow float32), `tensorflow` (float32), or `openvino` (checked
+            the same way, TensorFlow float32 when the check fails).
+        verbose: print the choice and its measurements.
+
+    Attributes (set by `choose`): `name` and `precision` of the engine in use, and `check`,
+    a dict of the sample's measurements (None when there was no candidate to measure):
+    `tensorflow_images_per_second`, and for a candidate tried `engine`, `precision`,
+    `cosine` (the least over the sample) and `images_per_second`, or `error`.
+    """
+
+    def __init__(self, model, engine="auto", verbose=0):
+        if engine not in ENGINES:
+            raise ConfigError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
+        self.extractor = feature_extractor(model)
+        self.requested = engine
+        self.verbose = verbose
+        self.name, self.precision, self.check = None, None, None
+        self._tensorflow = tf.function(lambda batch: self.extractor(batch, training=False),
+                                       reduce_retracing=True)
+        self._forward = None
+
+    def candidates(self):
+        """`(engine, precision)` pairs this engine may compute with, preferred first."""
+        if self.name is not None:
+            return [(self.name, self.precision)]
+        tensorflow = ("tensorflow", "float32")
+        if self.requested == "tensorflow" or not _openvino_has_bf16():
+            return [tensorflow]
+        return [("openvino", "bfloat16"), tensorflow]
+
+    def choose(self, images, count):
+        """Picks the engine (once) for `count` feature vectors, checking a candidate on the
+        first `ENGINE_SAMPLE` of `images` (uint8 or float32 pixels)."""
+        if self.name is not None:
+            return
+        candidates = self.candidates()
+        self.name, self.precision, self._forward = "tensorflow", "float32", self._run_tensorflow
+        if len(candidates) == 1 or not len(images):
+            return
+        sample = np.asarray(images[:ENGINE_SAMPLE], np.float32)
+        reference, tensorflow_seconds = _timed_twice(self._run_tensorflow, sample)
+        self.check = {"tensorflow_images_per_second": len(sample) / tensorflow_seconds}
+        if self.requested == "auto" and \
+                tensorflow_seconds / len(sample) * count < ENGINE_MIN_SECONDS:
+            return
+        try:
+            candidate = _openvino_forward(self.extractor, sample.shape[1:])
+            features, candidate_seconds = _timed_twice(candidate, sample)
+        except Exception as e:  # any failure of the optional engine means TensorFlow
+            self.check["error"] = f"{type(e).__name__}: {e}"
+            return
+        cosine = float(np.min(_cosines(features, reference)))
+        self.check.update(engine="openvino", precision="bfloat16", cosine=cosine,
+                          images_per_second=len(sample) / candidate_seconds)
+        if cosine >= ENGINE_MIN_COSINE and candidate_seconds < tensorflow_seconds:
+            self.name, self.precision, self._forward = "openvino", "bfloat16", candidate
+        if self.verbose:
+            print(f"[features] {self.name} {self.precision}: OpenVINO bfloat16 "
+                  f"{self.check['images_per_second']:.1f} img/s, cosine {cosine:.6f}; "
+                  f"TensorFlow float32 {self.check['tensorflow_images_per_second']:.1f} img/s")
+
+    def __call__(self, batch):
+        """Features of a float32 batch (a tensor or array) as a numpy array; `choose` first
+        (TensorFlow float32 if it was not called)."""
+        if self._forward is None:
+            self.choose([], 0)
+        return self._forward(batch)
+
+    def _run_tensorflow(self, batch):
+        return self._tensorflow(tf.convert_to_tensor(batch, tf.float32)).numpy()
+
+
+def _openvino_has_bf16():
+    try:
+        import openvino
+    except ImportError:
+        return False
+    try:
+        return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:
+        return False
+
+
+def _openvino_forward(extractor, image_shape):
+    """The extractor converted to OpenVINO and compiled for the CPU in bfloat16."""
+    import openvino
+
+    traced = tf.function(lambda batch: extractor(batch, training=False)).get_concrete_function(
+        tf.TensorSpec([None, *image_shape], tf.float32))
+    compiled = openvino.Core().compile_model(openvino.convert_model(traced), "CPU",
+                                             {"INFERENCE_PRECISION_HINT": "bf16"})
+    request, output = compiled.create_infer_request(), compiled.output(0)
+
+    def forward(batch):
+        return np.asarray(request.infer([np.asarray(batch, np.float32)])[output], np.float32)
+
+    return forward
+
+
+def _timed_twice(forward, batch):
+    """`forward(batch)` and the seconds of its second run (the first warms it up)."""
+    forward(batch)
+    started = time.perf_counter()
+    out = forward(batch)
+    return out, time.perf_counter() - started
+
+
+def _cosines(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)
+
+
+def compute_features(engine, images, augmenter=None, views=1, batch_size=64, verbose=1):
     """Runs the extractor over uint8 images, `views` times through `augmenter`.
 
     Args:
-        extractor: `feature_extractor(model)`.
+        engine: a `FeatureEngine`.
         images: uint8 array `(n, size, size, 3)`.
         augmenter: augmentation model applied with `training=True`, or None.
         views: number of (augmented) views per image; 1 without an augmenter.
@@ -87,23 +232,23 @@ def compute_features(extractor, images, augmenter=None, views=1, batch_size=64, 
     total = views * len(images)
     progbar = keras.utils.Progbar(total, unit_name="image") if verbose and total else None
 
+    engine.choose(images, total)
+
     @tf.function(reduce_retracing=True)
-    def forward(batch):
-        if augmenter is not None:
-            batch = augmenter(batch, training=True)
-        return extractor(batch, training=False)
+    def augment(batch):
+        return augmenter(batch, training=True)
 
     out, done = [], 0
     for view in range(views):
         rows = []
         for start in range(0, len(images), batch_size):
             batch = tf.constant(images[start:start + batch_size], tf.float32)
-            rows.append(forward(batch).numpy())
+            rows.append(engine(augment(batch) if augmenter is not None else batch))
             done += len(batch)
             if progbar is not None:
                 progbar.update(done)
         out.append(np.concatenate(rows) if rows else
-                   np.zeros((0, extractor.output_shape[-1]), np.float32))
+                   np.zeros((0, engine.extractor.output_shape[-1]), np.float32))
     return np.stack(out).astype(np.float32)
 
 
@@ -184,7 +329,7 @@ class SplitFeatures:
 
 
 def split_features(model, split, digests, cache, settings, augmenter=None, views=1,
-                   batch_size=64, verbose=1, seed=None):
+                   batch_size=64, verbose=1, seed=None, engine=None):
     """Features of a split, from the cache when they are there, else computed and stored.
 
     Args:
@@ -197,21 +342,29 @@ def split_features(model, split, digests, cache, settings, augmenter=None, views
             features (or finding them cached) leaves the training augmenter's state alone.
         views, batch_size, verbose: see `compute_features`.
         seed: the augmenter's seed (part of the cache key).
+        engine: the `FeatureEngine` of `model` to compute with (share one between the splits
+            of a run: it chooses once); None: TensorFlow float32. Its engine and precision
+            are part of the cache key; features cached by any engine it may use are reused.
 
     Returns:
         `SplitFeatures`.
     """
     views = views if augmenter is not None else 1
+    engine = engine or FeatureEngine(model, "tensorflow")
     backbone_id = weights_digest(model.get_layer("backbone"))
-    key = feature_key(digests, backbone=backbone_id, views=views, seed=seed,
-                      augmented=augmenter is not None, **settings)
-    stored = cache.get(key) if cache is not None else None
-    if stored is not None and stored.shape[:2] == (views, len(split)):
-        return SplitFeatures(stored, split.labels, True)
-    features = compute_features(feature_extractor(model), split.images, augmenter, views,
-                                batch_size, verbose)
+
+    def key(name, precision):
+        return feature_key(digests, backbone=backbone_id, views=views, seed=seed,
+                           augmented=augmenter is not None, engine=name, precision=precision,
+                           **settings)
+
+    for candidate in engine.candidates() if cache is not None else []:
+        stored = cache.get(key(*candidate))
+        if stored is not None and stored.shape[:2] == (views, len(split)):
+            return SplitFeatures(stored, split.labels, True)
+    features = compute_features(engine, split.images, augmenter, views, batch_size, verbose)
     if cache is not None:
-        cache.put(key, features)
+        cache.put(key(engine.name, engine.precision), features)
     return SplitFeatures(features, split.labels, False)
 
 
