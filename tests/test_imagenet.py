@@ -81,14 +81,14 @@ def test_fit_on_photos_transfers_from_imagenet_by_default(imagenet_mobilenet, tm
     for split, count in (("data", 10), ("unseen", 3)):
         for name, pixels in sources.items():
             (tmp_path / split / name).mkdir(parents=True)
-            for index, crop in enumerate(crops(pixels, count, 160, rng)):
+            for index, crop in enumerate(crops(pixels, count, 240, rng)):
                 Image.fromarray(crop).save(tmp_path / split / name / f"{index}.jpg")
     fit = CliRunner().invoke(cli, [
         "fit", str(tmp_path / "data"), "--image-size", "96", "--epochs", "8", "--unfreeze",
         "0", "--export-dir", str(tmp_path / "sm"), "--runs-dir", str(tmp_path / "runs"),
         "--cache-dir", str(tmp_path / "cache")])
     assert fit.exit_code == 0, fit.output
-    assert "auto backbone: mobilenet with ImageNet weights (the images are 160 px" in fit.output
+    assert "auto backbone: mobilenet with ImageNet weights (the images are 240 px" in fit.output
     predict = CliRunner().invoke(cli, ["predict", str(tmp_path / "unseen"), "--model",
                                        str(tmp_path / "sm" / "data"), "--format", "json"])
     assert predict.exit_code == 0, predict.output
