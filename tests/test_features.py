@@ -157,7 +157,6 @@ def test_tensorflow_engine_is_float32_and_keys_the_cache(tmp_path):
 
 
 def test_openvino_engine_is_checked_against_tensorflow_float32(tmp_path):
-    pytest.importorskip("openvino")
     from tlkit.features import ENGINE_MIN_COSINE, FeatureEngine
 
     model = build_classifier("resnet50", 2, 32, weights="none")
