@@ -93,13 +93,12 @@ def write_folder(root, images, labels):
     return root
 
 
-def draw(labels, per_class, rng, skip=0):
-    """Indices of `per_class` images of each class, after skipping `skip` of each in a
-    seeded order."""
+def draw(labels, per_class, rng):
+    """Indices of `per_class` images of each class, in a seeded order."""
     picked = []
     for label in range(len(CLASSES)):
         order = rng.permutation(np.flatnonzero(labels == label))
-        picked.extend(order[skip:skip + per_class])
+        picked.extend(order[:per_class])
     return np.asarray(picked)
 
 
@@ -363,22 +362,19 @@ def report(results, ns, seeds, minutes, image_size):
     return lines + [""] + verdicts, met
 
 
-def tlkit_image_size():
-    """The image size tlkit resolves for `--backbone mobilenet` on these 28 px photos."""
+def tlkit_image_size(train_dir):
+    """The image size tlkit resolves for `--backbone mobilenet` on this training folder."""
     from tlkit.config import build_config
     from tlkit.data import survey_folder
 
-    with tempfile.TemporaryDirectory() as folder:
-        train, _ = make_task(Path(folder), 5, 0)
-        config = build_config(data_dir=str(train), backbone="mobilenet", weights="imagenet")
-        return config.resolve(survey_folder(train)).data.image_size
+    config = build_config(data_dir=str(train_dir), backbone="mobilenet", weights="imagenet")
+    return config.resolve(survey_folder(train_dir)).data.image_size
 
 
 def benchmark(ns, seeds, arms):
     started = time.time()
     keras_home = prepare_weights()
     env = child_env(keras_home)
-    image_size = tlkit_image_size()
     work = Path(tempfile.mkdtemp(prefix="transfer_real-"))
     test_dir = make_test(work)
     store = CACHE / "transfer_real_results.json"  # every arm run so far, by N/arm/seed
@@ -389,6 +385,7 @@ def benchmark(ns, seeds, arms):
     for n in ns:
         for seed in seeds:
             train_dir, val_dir = make_task(work, n, seed)
+            image_size = tlkit_image_size(train_dir)  # the size every MobileNet arm uses
             for arm in arms:
                 out = work / "runs" / f"n{n}-seed{seed}-{arm}"
                 results[(n, arm, seed)] = run_arm(arm, train_dir, val_dir, test_dir, out,

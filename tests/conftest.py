@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks.mobilenet_weights makes the ImageNet weights
 DIGITS = REPO / "data" / "digits"
 
 
@@ -78,7 +79,6 @@ def imagenet_mobilenet():
     """The KERAS_HOME holding Keras's ImageNet MobileNet v1 files, made from the PyPI sdist
     by benchmarks/mobilenet_weights.py on first use (pip reaches PyPI) and kept in
     TEST_CACHE. A test that needs them fails, never skips, when they cannot be made."""
-    sys.path.insert(0, str(REPO))
     from benchmarks.mobilenet_weights import ensure_weight_files
 
     keras_home = Path(os.environ["KERAS_HOME"])

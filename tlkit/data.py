@@ -542,7 +542,6 @@ def _memmap_dataset(split, batch_size, shuffle, seed):
                                      tf.ensure_shape(y, [None])))
 
 
-
 @dataclass(frozen=True)
 class DataSurvey:
     """What the data-dependent `"auto"` settings are chosen from (`FitConfig.resolve`)."""
@@ -567,7 +566,8 @@ def survey_folder(data_dir, sample=64):
     """
     scan = scan_folder(data_dir)
     counts = np.bincount(scan.labels, minlength=len(scan.class_names))
-    picks = np.unique(np.linspace(0, len(scan.files) - 1, min(sample, len(scan.files))).astype(int))
+    count = min(sample, len(scan.files))
+    picks = np.unique(np.linspace(0, len(scan.files) - 1, count).astype(int))
     sides = []
     for index in picks:
         try:
