@@ -409,7 +409,9 @@ TUNE_VARIANTS = {
     "long": ["--epochs", "60", "--fine-tune-epochs", "30", "--patience", "8"],
     "lr3e-3": ["--lr", "3e-3"],
     "augment_light": ["--augment", "light"],
-    "views1": ["--cached-views", "1"],
+    "views4": ["--cached-views", "4"],
+    "unfreeze3": ["--unfreeze", "3"],
+    "fine_tune_cache": ["--fine-tune-cache"],
     "dropout0.5": ["--dropout", "0.5"],
 }
 

@@ -8,9 +8,11 @@ import tensorflow as tf
 import tlkit
 from tlkit.augment import build_augmenter
 from tlkit.data import ImageCache, Split
-from tlkit.features import (FeatureCache, feature_dataset, feature_extractor, head_model,
-                            split_features)
+from tlkit.backbones import get_backbone, unfreeze_groups
+from tlkit.features import (FeatureCache, feature_dataset, feature_extractor, frozen_cut,
+                            head_model, split_features)
 from tlkit.models import build_classifier
+from tlkit.training import set_trainable
 
 SETTINGS = dict(backbone_name="lenet5", image_size=32, resize="squash", preprocessing="unit",
                 augment="none", flip="none")
@@ -42,6 +44,33 @@ def test_training_the_head_trains_the_models_own_head():
     head.compile("adam", "sparse_categorical_crossentropy")
     head.fit(np.ones((4, 84), "float32"), np.array([0, 1, 0, 1]), epochs=1, verbose=0)
     assert not np.array_equal(model.get_layer("predictions").kernel.numpy(), kernel)
+
+
+@pytest.mark.parametrize("backbone, target, cut", [
+    ("mobilenet", "block13", "conv_pw_12_relu"),
+    ("mobilenet", "block12", "conv_pad_12"),  # the padding has no weights: it stays below
+    ("resnet50", "conv5", "conv4_block6_out"),  # the residual branches join above the cut
+])
+def test_unfreezing_stage_trains_on_the_activations_below_its_groups(backbone, target, cut):
+    model = build_classifier(backbone, 3, 32, weights="none")
+    groups = unfreeze_groups(get_backbone(backbone), model.get_layer("backbone"))
+    set_trainable(model, groups, target)
+    assert frozen_cut(model) == cut
+    images = make_split(6).images.astype("float32")
+    activations = feature_extractor(model, cut).predict(images, verbose=0)
+    upper = head_model(model, cut)
+    np.testing.assert_allclose(upper.predict(activations, verbose=0),
+                               model.predict(images, verbose=0), atol=1e-5)
+    trained = {id(v) for v in upper.trainable_variables}
+    assert trained == {id(v) for v in model.trainable_variables}
+
+
+@pytest.mark.parametrize("target", ["head", "all"])
+def test_no_cut_when_the_whole_backbone_is_frozen_or_trains(target):
+    model = build_classifier("mobilenet", 3, 32, weights="none")
+    set_trainable(model, unfreeze_groups(get_backbone("mobilenet"), model.get_layer("backbone")),
+                  target)
+    assert frozen_cut(model) is None
 
 
 def test_cache_hits_and_every_key_change_invalidates(tmp_path):
@@ -106,10 +135,13 @@ def test_fit_uses_cached_features_for_the_head_stage_and_reuses_them(image_folde
     first = tlkit.fit(folder, backbone="lenet5", **common)
     weights = str(first.run_dir / "backbone.weights.h5")
     staged = dict(backbone="lenet5", weights=weights, unfreeze=1, fine_tune_epochs=1,
-                  cached_views=2, **common)
+                  cached_views=2, fine_tune_cache=True, **common)
     a = tlkit.fit(folder, **staged)
     stored = list((tmp_path / "cache" / "features").glob("*.npy"))
-    assert len(stored) == 2  # train (2 views) and validation
+    assert len(stored) == 4  # train (2 views) and validation, for the head and for f6
+    shapes = sorted(np.load(path).shape for path in stored)
+    assert [shape[:2] for shape in shapes] == [(1, 4), (1, 4), (2, 12), (2, 12)]
+    assert shapes[0][2:] != shapes[1][2:]  # pooled features and the activations below f6
     b = tlkit.fit(folder, **staged, dropout=0.5)  # a different head reuses the features
     assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == sorted(stored)
     assert [h["stage"] for h in a.history] == ["head", "head", "f6", "f6"][:len(a.history)]

@@ -387,43 +387,61 @@ def _schedule(config, group_names, pretrained):
 
 
 def _feature_inputs(config, spec, model, data, verbose, clock):
-    """Stage inputs that train the head on cached backbone features while the backbone is
-    frozen (`tlkit.features`), or None when the run does not use them."""
-    if not (config.model.pretrained and config.train.feature_cache):
+    """Stage inputs that train a stage on cached outputs of the layers it leaves frozen
+    (`tlkit.features`): the head on pooled backbone features, an unfreezing stage on the
+    activations below its groups; None when the run does not use them."""
+    train_config = config.train
+    if not config.model.pretrained or not (train_config.feature_cache or
+                                           train_config.fine_tune_cache):
         return None
-    from tlkit.features import (FeatureCache, FeatureEngine, feature_dataset, head_model,
+    from tlkit.features import (ACTIVATIONS_MAX_BYTES, FeatureCache, FeatureEngine,
+                                activation_bytes, feature_dataset, frozen_cut, head_model,
                                 split_features)
 
     cache = FeatureCache(Path(config.data.cache_dir) / "features" if config.data.cache_dir
-                         else None, config.train.feature_cache_gb * 1024**3)
+                         else None, train_config.feature_cache_gb * 1024**3)
     settings = dict(backbone_name=spec.name, image_size=config.data.image_size,
                     resize=config.data.resize, preprocessing=spec.preprocessing,
                     augment=config.model.augment, flip=config.model.flip,
                     dtype_policy=model.get_layer("backbone").dtype_policy.name)
     batch = config.data.batch_size
-    # Its own augmenter: the training augmenter's random state must not depend on whether
-    # the features were computed or found in the cache.
-    augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed + 1)
+    train_split, val_split = data.splits["train"], data.splits["val"]
+    views = train_config.cached_views
 
     def inputs(stage):
-        if stage.target != HEAD:
-            return None
+        if stage.target == HEAD:
+            if not train_config.feature_cache:
+                return None
+            cut, what = None, "backbone features"
+        else:
+            cut = frozen_cut(model) if train_config.fine_tune_cache else None
+            count = (views if config.model.augment != "none" else 1) * len(train_split)
+            if cut is None or activation_bytes(model, cut, count + len(val_split)) > \
+                    ACTIVATIONS_MAX_BYTES:
+                return None
+            what = f"activations of {cut}"
+        # Each stage gets its own augmenter with the same seed, so every stage sees the same
+        # views, and the training augmenter's random state does not depend on whether they
+        # were computed or found in the cache.
+        augmenter = build_augmenter(config.model.augment, config.model.flip,
+                                    seed=config.seed + 1)
         started = time.perf_counter()
         with clock.step("features"):
-            engine = FeatureEngine(model, verbose=verbose)
-            train = split_features(model, data.splits["train"], data.splits["train"].digests,
-                                   cache, settings, augmenter, config.train.cached_views,
-                                   verbose=verbose, seed=config.seed + 1, engine=engine)
-            val = split_features(model, data.splits["val"], data.splits["val"].digests, cache,
-                                 settings, verbose=verbose, engine=engine)
+            engine = FeatureEngine(model, verbose=verbose, cut=cut)
+            keyed = dict(settings, cut=cut)
+            train = split_features(model, train_split, train_split.digests, cache, keyed,
+                                   augmenter, views, verbose=verbose, seed=config.seed + 1,
+                                   engine=engine)
+            val = split_features(model, val_split, val_split.digests, cache, keyed,
+                                 verbose=verbose, engine=engine)
         if verbose:
-            views, count = train.features.shape[:2]
             source = "from the cache" if train.from_cache and val.from_cache else \
                 f"computed ({engine.name} {engine.precision})"
-            print(f"[head] backbone features for {count} x {views} view(s) + "
-                  f"{len(data.splits['val'])} validation images {source} in "
-                  f"{time.perf_counter() - started:.1f}s ({cache.folder})")
-        return (head_model(model), feature_dataset(train, batch, shuffle=True, seed=config.seed),
+            print(f"[{stage.target}] {what} for {len(train_split)} x "
+                  f"{train.features.shape[0]} view(s) + {len(val_split)} validation images "
+                  f"{source} in {time.perf_counter() - started:.1f}s ({cache.folder})")
+        return (head_model(model, cut), feature_dataset(train, batch, shuffle=True,
+                                                        seed=config.seed),
                 feature_dataset(val, batch))
 
     return inputs

@@ -1,4 +1,4 @@
-"""Cached backbone features: train a head on a frozen backbone without re-running it.
+"""Cached backbone features: train on a frozen backbone without re-running it.
 
 While the backbone is frozen, its pooled output for an image never changes, yet the usual
 way to train a head (a frozen backbone inside `fit`) recomputes it every epoch: almost all
@@ -8,10 +8,18 @@ each epoch draws one of the views per image), trains the head on them, and since
 layers are the model's own layers, the full model holds the trained head at once, for the
 unfrozen stages and the export.
 
+An unfreezing stage is the same idea one cut lower: the layers below the unfrozen groups
+stay frozen (BatchNorm in inference mode), so their output for an image is fixed too.
+`frozen_cut` finds the tensor between the frozen and the trained layers, `feature_extractor`
+computes it once per view, and `head_model` trains the layers above it, the pooler and the
+head. An epoch then costs the unfrozen groups' forward and backward pass, not the
+backbone's. The views are the head stage's (same augmenter seed), so both stages see the
+same augmented images.
+
 Features are cached on disk under the user cache folder (`~/.cache/tlkit/features`), keyed
-by everything they depend on: the files' content, the backbone's weights, image size, resize
-policy, preprocessing, augmentation, views, seed, and the engine and precision that computed
-them. Changing the head, dropout or learning rate reuses them.
+by everything they depend on: the files' content, the backbone's weights, the cut, image
+size, resize policy, preprocessing, augmentation, views, seed, and the engine and precision
+that computed them. Changing the head, dropout or learning rate reuses them.
 
 `FeatureEngine` runs the extractor on the fastest engine the machine and the installed
 packages offer: OpenVINO in bfloat16 (`pip install openvino`, used when its CPU plugin has
@@ -56,25 +64,113 @@ ENGINE_MIN_SECONDS = 30.0
 features to compute (estimated on the sample): converting the model takes seconds (5 s for
 ResNet50 on 2 cores), which a shorter job does not win back."""
 
+ACTIVATIONS_MAX_BYTES = 1024**3
+"""Most bytes of cached activations an unfreezing stage holds in memory (training and
+validation, every view); a stage whose activations would be larger trains on images."""
 
-def feature_extractor(model):
-    """The part of a tlkit classifier that a frozen stage never changes: images -> pooled
-    features (preprocess, backbone in inference mode, pooler)."""
+
+def feature_extractor(model, cut=None):
+    """The part of a tlkit classifier that a stage never changes, run in inference mode.
+
+    Args:
+        model: a tlkit classifier.
+        cut: None: images -> pooled features (preprocess, the whole backbone, pooler), for a
+            stage that trains only the head; or the name of a backbone layer (`frozen_cut`):
+            images -> that layer's output, for a stage that trains the layers above it.
+
+    Returns:
+        A Keras model.
+    """
     inputs = keras.Input(model.input_shape[1:])
     x = model.get_layer("preprocess")(inputs)
-    x = model.get_layer("backbone")(x, training=False)
+    backbone = model.get_layer("backbone")
+    if cut is not None:
+        lower, _ = _split(backbone, cut)
+        return keras.Model(inputs, lower(x, training=False), name="feature_extractor")
+    x = backbone(x, training=False)
     if "pooler" in [layer.name for layer in model.layers]:
         x = model.get_layer("pooler")(x)
     return keras.Model(inputs, x, name="feature_extractor")
 
 
-def head_model(model):
-    """The trainable rest: pooled features -> `output_dropout` -> `predictions`. It shares
-    its layers with `model`, so training it trains the model's own head."""
-    size = model.get_layer("predictions").kernel.shape[0]
-    inputs = keras.Input((size,), name="features")
-    x = model.get_layer("output_dropout")(inputs)
+def head_model(model, cut=None):
+    """The trainable rest of a stage: what `feature_extractor(model, cut)` gives ->
+    (the backbone's layers above `cut` ->) pooler -> `output_dropout` -> `predictions`. It
+    shares its layers with `model`, so training it trains the model's own layers."""
+    if cut is None:
+        inputs = keras.Input((model.get_layer("predictions").kernel.shape[0],),
+                             name="features")
+        x = inputs
+    else:
+        lower, upper = _split(model.get_layer("backbone"), cut)
+        inputs = keras.Input(lower.output.shape[1:], name="activations")
+        x = upper(inputs)
+        if "pooler" in [layer.name for layer in model.layers]:
+            x = model.get_layer("pooler")(x)
+    x = model.get_layer("output_dropout")(x)
     return keras.Model(inputs, model.get_layer("predictions")(x), name="head")
+
+
+def _split(backbone, cut):
+    """The backbone's layers up to `cut` and those above it, as two models sharing them."""
+    if isinstance(backbone, keras.Sequential):
+        index = [layer.name for layer in backbone.layers].index(cut) + 1
+        return (_chain(backbone.input_shape[1:], backbone.layers[:index], "lower"),
+                _chain(backbone.layers[index].input.shape[1:], backbone.layers[index:],
+                       "upper"))
+    boundary = backbone.get_layer(cut).output
+    return (keras.Model(backbone.input, boundary, name="lower"),
+            keras.Model(boundary, backbone.output, name="upper"))
+
+
+def _chain(input_shape, layers, name):
+    x = inputs = keras.Input(input_shape)
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def frozen_cut(model):
+    """The backbone layer whose output is the one tensor between the layers a stage leaves
+    frozen and those it trains, or None.
+
+    A layer is frozen for the stage when it has no trainable weights and every input it
+    reads is frozen too (BatchNorm layers that stay in inference mode inside an unfrozen
+    group read a trained layer's output, so they are not). None when the whole backbone is
+    frozen (the head stage: `feature_extractor(model)`), when its first layer trains, or when
+    several tensors cross from the frozen layers to the trained ones (the stage then trains
+    on images).
+    """
+    backbone = model.get_layer("backbone")
+    if isinstance(backbone, keras.Sequential):  # a chain: the last layer before the first
+        # that trains
+        first = next((i for i, layer in enumerate(backbone.layers)
+                      if layer.trainable_weights), None)
+        return None if not first else backbone.layers[first - 1].name
+    frozen = {id(t): None for t in _as_list(backbone.input)}  # tensor -> the layer making it
+    crossing = {}
+    for layer in backbone.operations:
+        inputs = _as_list(layer.input)
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if not layer.trainable_weights and all(id(t) in frozen for t in inputs):
+            frozen.update((id(t), layer) for t in _as_list(layer.output))
+        else:
+            crossing.update((id(t), frozen[id(t)]) for t in inputs if id(t) in frozen)
+    if len(crossing) != 1:
+        return None
+    producer = next(iter(crossing.values()))
+    return None if producer is None else producer.name
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def activation_bytes(model, cut, images):
+    """Bytes of `feature_extractor(model, cut)`'s float32 output for `images` images."""
+    lower, _ = _split(model.get_layer("backbone"), cut)
+    return int(np.prod(lower.output.shape[1:])) * 4 * images
 
 
 def weights_digest(layer):
@@ -104,6 +200,7 @@ class FeatureEngine:
             faster; else TensorFlow float32), `tensorflow` (float32), or `openvino` (checked
             the same way, TensorFlow float32 when the check fails).
         verbose: print the choice and its measurements.
+        cut: what it computes: see `feature_extractor`.
 
     Attributes (set by `choose`): `name` and `precision` of the engine in use, and `check`,
     a dict of the sample's measurements (None when there was no candidate to measure):
@@ -111,10 +208,10 @@ class FeatureEngine:
     `cosine` (the least over the sample) and `images_per_second`, or `error`.
     """
 
-    def __init__(self, model, engine="auto", verbose=0):
+    def __init__(self, model, engine="auto", verbose=0, cut=None):
         if engine not in ENGINES:
             raise ConfigError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
-        self.extractor = feature_extractor(model)
+        self.extractor = feature_extractor(model, cut)
         self.requested = engine
         self.verbose = verbose
         self.name, self.precision, self.check = None, None, None
@@ -226,7 +323,7 @@ def compute_features(engine, images, augmenter=None, views=1, batch_size=64, ver
         verbose: 0 silent, else a progress bar.
 
     Returns:
-        float32 array `(views, n, features)`.
+        float32 array `(views, n, *feature shape)`.
     """
     views = views if augmenter is not None else 1
     total = views * len(images)
@@ -248,7 +345,7 @@ def compute_features(engine, images, augmenter=None, views=1, batch_size=64, ver
             if progbar is not None:
                 progbar.update(done)
         out.append(np.concatenate(rows) if rows else
-                   np.zeros((0, engine.extractor.output_shape[-1]), np.float32))
+                   np.zeros((0, *engine.extractor.output_shape[1:]), np.float32))
     return np.stack(out).astype(np.float32)
 
 
