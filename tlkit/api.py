@@ -409,22 +409,22 @@ def _feature_inputs(config, spec, model, data, verbose, clock):
     views = train_config.cached_views
 
     def inputs(stage):
+        # Each stage gets its own augmenter with the same seed, so every stage sees the same
+        # views, and the training augmenter's random state does not depend on whether they
+        # were computed or found in the cache.
+        augmenter = build_augmenter(config.model.augment, config.model.flip,
+                                    seed=config.seed + 1)
         if stage.target == HEAD:
             if not train_config.feature_cache:
                 return None
             cut, what = None, "backbone features"
         else:
             cut = frozen_cut(model) if train_config.fine_tune_cache else None
-            count = (views if config.model.augment != "none" else 1) * len(train_split)
+            count = (views if augmenter is not None else 1) * len(train_split)
             if cut is None or activation_bytes(model, cut, count + len(val_split)) > \
                     ACTIVATIONS_MAX_BYTES:
                 return None
             what = f"activations of {cut}"
-        # Each stage gets its own augmenter with the same seed, so every stage sees the same
-        # views, and the training augmenter's random state does not depend on whether they
-        # were computed or found in the cache.
-        augmenter = build_augmenter(config.model.augment, config.model.flip,
-                                    seed=config.seed + 1)
         started = time.perf_counter()
         with clock.step("features"):
             engine = FeatureEngine(model, verbose=verbose, cut=cut)

@@ -90,8 +90,8 @@ def main(verbose):
               "frozen [default: on].")
 @click.option("--fine-tune-cache/--no-fine-tune-cache", "fine_tune_cache", default=None,
               help="Train unfreezing stages on cached activations of the frozen layers "
-              "below them, when they fit in memory: faster per epoch, but the fixed augmented views "
-              "overfit small sets [default: off].")
+              "below them, when they fit in memory: faster per epoch, but the fixed "
+              "augmented views overfit small sets [default: off].")
 @click.option("--cached-views", type=int, help="Augmented views per image in the feature "
               "cache [default: 1].")
 @click.option("--steps-per-execution", type=click.IntRange(min=1),

@@ -142,17 +142,16 @@ def frozen_cut(model):
     on images).
     """
     backbone = model.get_layer("backbone")
-    if isinstance(backbone, keras.Sequential):  # a chain: the last layer before the first
-        # that trains
+    if isinstance(backbone, keras.Sequential):  # a chain: the layer before the first to train
         first = next((i for i, layer in enumerate(backbone.layers)
                       if layer.trainable_weights), None)
         return None if not first else backbone.layers[first - 1].name
     frozen = {id(t): None for t in _as_list(backbone.input)}  # tensor -> the layer making it
     crossing = {}
     for layer in backbone.operations:
-        inputs = _as_list(layer.input)
         if isinstance(layer, keras.layers.InputLayer):
             continue
+        inputs = _as_list(layer.input)
         if not layer.trainable_weights and all(id(t) in frozen for t in inputs):
             frozen.update((id(t), layer) for t in _as_list(layer.output))
         else:
