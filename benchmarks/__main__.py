@@ -14,7 +14,7 @@ import time
 
 SPEED = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras", "jit",
          "serve", "distribute")
-BENCHMARKS = (*SPEED, "fit_end_to_end", "transfer_digits", "transfer_real")
+BENCHMARKS = (*SPEED, "demo_size", "fit_end_to_end", "transfer_digits", "transfer_real")
 
 
 def main(names):
