@@ -247,6 +247,21 @@ def test_a_worse_stage_is_rolled_back():
     assert first[0].best_epoch >= 1 and len(kept) == len(model.get_weights())
 
 
+def test_a_stage_whose_every_val_loss_is_nan_is_rolled_back():
+    dataset, _, _ = tiny_dataset(seed=4)
+    nan_val = dataset.take(0)  # no validation image: val_loss is NaN every epoch
+    model = build_classifier("scratch", 2, 32)
+    groups = unfreeze_groups(get_backbone("scratch"), model.get_layer("backbone"))
+    before = [np.array(w) for w in model.get_weights()]
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        (result,) = run_schedule(model, groups, [Stage(ALL, 2, 1e-3)], dataset, nan_val,
+                                 verbose=0)
+    assert result.diverged and result.rolled_back and result.best == {}
+    assert len(result.history) == 2 and all(np.isnan(h["val_loss"]) for h in result.history)
+    for kept, now in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(now, kept)
+
+
 def test_extend_classifier_keeps_backbone_and_old_rows():
     model = build_classifier("scratch", 2, 32)
     extended = extend_classifier(model, ["cat", "dog"], ["ant", "cat", "dog"])

@@ -551,6 +551,7 @@ def _schedule_report(results):
                        "first_epoch": first_epoch, "epochs": len(result.history),
                        "best_epoch": first_epoch + result.best_epoch - 1,
                        "best": result.best, "rolled_back": result.rolled_back,
+                       "diverged": result.diverged,
                        "trainable_weights": result.trainable_weights})
         first_epoch += len(result.history)
     return report
