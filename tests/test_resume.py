@@ -133,3 +133,15 @@ def test_state_round_trip_is_exact(tmp_path):
     for a, b in zip(state.stage.optimizer_state, saved):
         np.testing.assert_array_equal(a, b)
     assert state.epochs_done == 4
+
+
+def test_run_folder_json_is_replaced_whole_never_rewritten_in_place(tmp_path):
+    from tlkit.api import _write_json
+
+    path = tmp_path / "result.json"
+    _write_json(path, {"run": 1})
+    with open(path) as reader:  # a reader of the old file (`--resume` checking it, say)
+        _write_json(path, {"run": 2, "more": "x" * 100})
+        assert json.loads(reader.read()) == {"run": 1}
+    assert json.loads(path.read_text())["run"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -34,6 +34,7 @@ from tlkit.distribute import (agreed_resume_point, check_agreement, check_batch_
 from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.evaluate import evaluate_arrays
 from tlkit.export import CALIBRATION_IMAGES, check_version_free, export_classifier
+from tlkit.files import write_atomically
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation, copy_classifier)
 from tlkit.plots import plot_history
@@ -580,7 +581,9 @@ def _make_run_dir(config):
 
 
 def _write_json(path, value):
-    Path(path).write_text(json.dumps(value, indent=2) + "\n")
+    """Writes `value` as JSON atomically: `--resume` takes a result.json as a finished run."""
+    text = (json.dumps(value, indent=2) + "\n").encode()
+    write_atomically(path, lambda f: f.write(text))
 
 
 def _write_csv(path, rows):
