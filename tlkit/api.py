@@ -216,7 +216,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                           "weights": config.model.weights, "schedule": schedule,
                           "epochs_trained": len(history),
                           "data": {n: len(s) for n, s in data.splits.items()},
-                          "run_dir": str(run_dir), "config": config.to_dict()},
+                          "run_dir": str(run_dir.resolve()), "config": config.to_dict()},
                 verify_images=data.splits["val"].images[:8],
                 verify_probabilities=probabilities["val"][:8],
                 model_card=_model_card(config, data, schedule, evaluation),
