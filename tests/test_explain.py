@@ -1,6 +1,7 @@
 """Grad-CAM: the heatmap finds the class evidence, from an export alone."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +100,19 @@ def test_explain_files_writes_pngs_and_checks_arguments(corner_run, tmp_path):
         explain_files(files, result.export_path, class_name="dog", output_dir=tmp_path)
     with pytest.raises(ConfigError, match="`layer` must be one of"):
         explain_files(files, result.export_path, layer="nope", output_dir=tmp_path)
+
+
+def test_files_with_the_same_name_get_their_own_heatmap(corner_run, tmp_path):
+    root, result = corner_run
+    data = root / "data"
+    files = [data / "corner" / "0.png", data / "plain" / "0.png", data / "plain" / "1.png",
+             data / "plain" / "1.png"]
+    items = explain_files(files, result.export_path, output_dir=tmp_path)
+    assert [Path(item["png"]).name for item in items] == [
+        "corner_0_gradcam.png", "plain_0_gradcam.png", "plain_1_3_gradcam.png",
+        "plain_1_4_gradcam.png"]
+    assert [item["class"] for item in items] == ["corner", "plain", "plain", "plain"]
+    assert len(list(tmp_path.glob("*.png"))) == 4
 
 
 def test_default_layers():
