@@ -100,7 +100,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
         config = build_config(config, data_dir=data_dir and os.fspath(data_dir), **options)
         run_dir, state = None, None
     notes = []
-    config = config.resolve(_survey(config), notes)
+    requested, config = config, config.resolve(_survey(config), notes)
     verbose = config.train.verbose
     if verbose:
         for note in notes:
@@ -141,7 +141,8 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                                      config.model.dropout, backbone_model=backbone)
         if cluster.workers > 1:
             check_agreement(cluster, _worker_fingerprint(config, data, model))
-        run_dir, own_dir, state = _open_run_folder(cluster, config, data, run_dir, state)
+        run_dir, own_dir, state = _open_run_folder(cluster, config, requested, data, run_dir,
+                                                   state)
         if not pretrained:
             steps = -(-len(data.splits["train"]) // config.data.batch_size)
             adapt_batchnorm_momentum(model, steps)
@@ -315,10 +316,11 @@ def _survey(config):
         return None
 
 
-def _open_run_folder(cluster, config, data, run_dir, state):
+def _open_run_folder(cluster, config, requested, data, run_dir, state):
     """Makes the run folder of a new run, or checks the one resumed. The chief makes it and
-    names it for every worker; each other worker keeps its config, split and resume state
-    in its own folder in it (`tlkit.distribute.worker_folder`).
+    names it for every worker; each other worker keeps its config (resolved, and as
+    `requested`), split and resume state in its own folder in it
+    (`tlkit.distribute.worker_folder`).
 
     Returns:
         `(run folder, this worker's folder, state to resume from or None)`.
@@ -339,7 +341,7 @@ def _open_run_folder(cluster, config, data, run_dir, state):
         run_dir = Path(config.export.runs_dir) / config.export.name / name
     own_dir = worker_folder(run_dir, cluster.worker)
     own_dir.mkdir(parents=True, exist_ok=True)
-    config.save(own_dir / "config.json")
+    config.save(own_dir / "config.json", requested=requested)
     _write_splits(own_dir / "splits.csv", data)
     if cluster.is_chief:
         _write_json(run_dir / "data.json", data.report())
