@@ -144,7 +144,7 @@ def test_fit_uses_cached_features_for_the_head_stage_and_reuses_them(image_folde
     assert shapes[0][2:] != shapes[1][2:]  # pooled features and the activations below f6
     b = tlkit.fit(folder, **staged, dropout=0.5)  # a different head reuses the features
     assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == sorted(stored)
-    assert [h["stage"] for h in a.history] == ["head", "head", "f6", "f6"][:len(a.history)]
+    assert [h["stage"] for h in a.history] == ["head", "head", "f6"]  # fine_tune_epochs=1
     classifier = tlkit.load(a.export_path)
     images = np.stack([tlkit.images.load_image(f, 32) for f in sorted(folder.rglob("*.png"))])
     np.testing.assert_allclose(classifier.predict_arrays(images),
