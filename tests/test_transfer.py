@@ -327,3 +327,32 @@ def test_default_fit_on_photos_offline_names_the_mobilenet_file(image_folder, tm
     assert "mobilenet_1_0_224_tf_no_top.h5" in message
     assert str(tmp_path / "kh" / "models") in message and "--backbone scratch" in message
     assert not (tmp_path / "runs").exists()
+
+
+def test_init_from_errors_name_the_setting_and_the_value(image_folder, tmp_path):
+    folder = image_folder(per_class=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    build_classifier("scratch", 2, 32).save(run / "model.keras")
+    options = dict(runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm", verbose=0)
+
+    def refused(match, **settings):
+        with pytest.raises(ConfigError, match=match):
+            tlkit.fit(folder, **options, **settings)
+
+    refused(r"`init_from` must be a tlkit run folder or its model.keras, with labels.txt",
+            init_from=str(run))  # no labels.txt beside the model
+    (run / "labels.txt").write_text("a\nb\n")
+    refused(r"`backbone` must match the `init_from` model's \('scratch'\). "
+            r"Received: backbone='lenet5'", init_from=str(run), backbone="lenet5")
+    refused(r"`image_size` must match the `init_from` model's \(32\). Received: "
+            r"image_size=64", init_from=str(run), image_size=64)
+    refused(r"`init_from` brings its own weights: leave `weights` unset\. Received: "
+            r"init_from=.*, weights='imagenet'", init_from=str(run), weights="imagenet")
+    (tmp_path / "notes.keras").write_text("not a model")
+    refused(r"`init_from` must be a tlkit run folder or its model.keras. Received: "
+            r"init_from='.*notes.keras'", init_from=str(tmp_path / "notes.keras"))
+    refused(r"`init_from` must be a tlkit run folder", init_from=str(tmp_path / "empty"))
+    (run / "labels.txt").write_text("a\nc\n")  # the data has no class 'c' any more
+    refused(r"classes \['c'\]", init_from=str(run))
+    assert not (tmp_path / "runs").exists()
