@@ -195,6 +195,32 @@ def test_save_load_round_trip(tmp_path):
         assert FitConfig.load(path) == original
 
 
+def test_a_saved_run_keeps_the_machine_dependent_settings_as_asked(tmp_path):
+    asked = build_config(data_dir=_data_dir(tmp_path), backbone="mobilenet", jit="auto",
+                         distribute="auto", epochs=4)
+    resolved = asked.resolve()
+    on_a_gpu = dataclasses.replace(  # what the same request resolves to on a GPU machine
+        resolved, train=dataclasses.replace(resolved.train, jit="on", distribute="mirrored"))
+    path = tmp_path / "config.json"
+    on_a_gpu.save(path, requested=asked)
+    saved = json.loads(path.read_text())
+    assert saved["train"]["jit"] == "on" and saved["model"]["weights"] == "imagenet"
+    assert saved["requested"] == {"model": {"weights": "auto", "dropout": "auto"},
+                                  "train": {"unfreeze": "auto", "distribute": "auto",
+                                            "jit": "auto"}}
+    loaded = FitConfig.load(path)
+    assert (loaded.train.jit, loaded.train.distribute, loaded.model.weights) == ("auto",) * 3
+    assert loaded.train.epochs == 4 and loaded.model.backbone == "mobilenet"
+    assert loaded.resolve() == resolved  # this machine's own resolution
+    rerun = build_config(loaded, backbone="lenet5").resolve()  # resolved for lenet5 now
+    assert (rerun.model.weights, rerun.train.unfreeze) == ("none", 0)
+    assert rerun.model.dropout == get_backbone("lenet5").default_dropout
+    saved["requested"]["train"]["colour"] = "red"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="colour"):
+        FitConfig.load(path)
+
+
 def test_load_of_a_broken_file_raises_config_error(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("{not json")

@@ -363,3 +363,20 @@ def test_doctor_command_table_json_and_quarantine(tmp_path):
     assert (tmp_path / "q" / "a" / "broken.png").is_file()
     assert not (root / "a" / "broken.png").exists()
     assert runner.invoke(main, ["doctor", str(root)]).exit_code == 0
+
+
+def test_fit_warns_when_near_duplicates_straddle_its_split(tmp_path):
+    import tlkit
+    from PIL import Image
+
+    folder = write_image_folder(tmp_path / "twins", per_class=10, size=32)
+    for original in sorted(folder.rglob("*.png")):  # a retouched copy of every image
+        pixels = np.array(Image.open(original))
+        pixels[0, 0] ^= 1
+        Image.fromarray(pixels).save(original.with_name(f"{original.stem}_copy.png"))
+    result = tlkit.fit(folder, backbone="scratch", image_size=32, epochs=1, augment="none",
+                       flip="none", runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm",
+                       verbose=0)
+    (warning,) = [w for w in json.loads((result.run_dir / "data.json").read_text())["warnings"]
+                  if "straddle the splits" in w]
+    assert "near-duplicate image pair(s)" in warning and f"tlkit doctor {folder}" in warning

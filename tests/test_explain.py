@@ -1,5 +1,8 @@
 """Grad-CAM: the heatmap finds the class evidence, from an export alone."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -31,9 +34,14 @@ def corner_run(tmp_path_factory):
         for index in range(40):
             Image.fromarray(corner_image(rng, with_square)).save(
                 root / "data" / name / f"{index}.png")
-    result = tlkit.fit(root / "data", backbone="scratch", image_size=SIZE, epochs=6,
-                       augment="none", flip="none", verbose=0, runs_dir=root / "runs",
-                       export_dir=root / "sm")
+    cwd = os.getcwd()
+    os.chdir(root)  # a relative runs_dir: the export must still find its run folder
+    try:
+        result = tlkit.fit(root / "data", backbone="scratch", image_size=SIZE, epochs=6,
+                           augment="none", flip="none", verbose=0, runs_dir="runs",
+                           export_dir=root / "sm")
+    finally:
+        os.chdir(cwd)
     assert result.metrics["val"]["accuracy"] >= 0.9
     return root, result
 
@@ -87,11 +95,24 @@ def test_explain_files_writes_pngs_and_checks_arguments(corner_run, tmp_path):
             assert png.format == "PNG" and png.width >= 400 and png.height >= 200
     custom = explain_files(files[:1], result.export_path, layer="block1_pool",
                            output_dir=tmp_path / "custom")
-    assert custom[0]["class"] in ("corner", "plain")
+    assert custom[0]["class"] == "plain"  # run from another folder than fit's
     with pytest.raises(ConfigError, match="`class_name` must be one of"):
         explain_files(files, result.export_path, class_name="dog", output_dir=tmp_path)
     with pytest.raises(ConfigError, match="`layer` must be one of"):
         explain_files(files, result.export_path, layer="nope", output_dir=tmp_path)
+
+
+def test_files_with_the_same_name_get_their_own_heatmap(corner_run, tmp_path):
+    root, result = corner_run
+    data = root / "data"
+    files = [data / "corner" / "0.png", data / "plain" / "0.png", data / "plain" / "1.png",
+             data / "plain" / "1.png"]
+    items = explain_files(files, result.export_path, output_dir=tmp_path)
+    assert [Path(item["png"]).name for item in items] == [
+        "corner_0_gradcam.png", "plain_0_gradcam.png", "plain_1_3_gradcam.png",
+        "plain_1_4_gradcam.png"]
+    assert [item["class"] for item in items] == ["corner", "plain", "plain", "plain"]
+    assert len(list(tmp_path.glob("*.png"))) == 4
 
 
 def test_default_layers():

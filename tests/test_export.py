@@ -235,8 +235,10 @@ def test_run_folder_holds_the_outputs(first):
 
 def test_run_config_loads_equal_to_the_result_config(first):
     loaded = FitConfig.load(first.run_dir / "config.json")
-    assert loaded == first.config
+    assert loaded.resolve() == first.config
     assert loaded.data.image_size == SIZE and loaded.export.name == "shapes"
+    # the machine's choices are read back as asked, for a re-run to make its own
+    assert (loaded.train.jit, loaded.train.distribute, loaded.model.weights) == ("auto",) * 3
 
 
 def test_history_json_and_csv_match_the_result(first):

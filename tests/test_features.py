@@ -144,12 +144,33 @@ def test_fit_uses_cached_features_for_the_head_stage_and_reuses_them(image_folde
     assert shapes[0][2:] != shapes[1][2:]  # pooled features and the activations below f6
     b = tlkit.fit(folder, **staged, dropout=0.5)  # a different head reuses the features
     assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == sorted(stored)
-    assert [h["stage"] for h in a.history] == ["head", "head", "f6", "f6"][:len(a.history)]
+    assert [h["stage"] for h in a.history] == ["head", "head", "f6"]  # fine_tune_epochs=1
     classifier = tlkit.load(a.export_path)
     images = np.stack([tlkit.images.load_image(f, 32) for f in sorted(folder.rglob("*.png"))])
     np.testing.assert_allclose(classifier.predict_arrays(images),
                                a.model.predict(images.astype("float32"), verbose=0), atol=1e-5)
     assert b.export_path != a.export_path
+
+
+def test_no_feature_cache_flag_trains_a_pretrained_head_on_the_full_model(image_folder,
+                                                                           tmp_path):
+    from click.testing import CliRunner
+
+    from tlkit.cli import main
+    from tlkit.models import build_backbone
+
+    folder = image_folder(per_class=6, size=16)
+    weights = tmp_path / "backbone.weights.h5"
+    build_backbone("lenet5", 32, "none").save_weights(weights)  # pretrained: from a file
+    args = ["fit", str(folder), "--backbone", "lenet5", "--weights", str(weights),
+            "--image-size", "32", "--epochs", "1", "--unfreeze", "0", "--augment", "none",
+            "--flip", "none", "--runs-dir", str(tmp_path / "runs"), "-q"]
+    for flag, cached in (("--no-feature-cache", False), ("--feature-cache", True)):
+        cache = tmp_path / flag.lstrip("-")
+        result = CliRunner().invoke(main, [*args, flag, "--cache-dir", str(cache),
+                                           "--export-dir", str(cache / "sm")])
+        assert result.exit_code == 0, result.output
+        assert bool(list(cache.glob("features/*.npy"))) is cached, flag
 
 
 def test_cache_command_info_and_clear(tmp_path):

@@ -17,9 +17,12 @@ from tlkit.errors import ConfigError
 from conftest import write_image_folder
 
 EPOCHS = 4
-FIT_ARGS = ["--image-size", "16", "--epochs", str(EPOCHS), "--patience", "10",
-            "--augment", "none", "--flip", "none", "--batch-size", "8", "--seed", "3",
-            "--lr", "3e-4"]
+# Nothing random in an epoch but the shuffle, and one batch per epoch, so its order does not
+# change the step: a resumed run then repeats the uninterrupted one epoch for epoch (a new
+# dataset's shuffle and a new dropout seed state would otherwise start over on resume).
+FIT_ARGS = ["--backbone", "lenet5", "--image-size", "32", "--dropout", "0", "--epochs",
+            str(EPOCHS), "--patience", "10", "--augment", "none", "--flip", "none",
+            "--batch-size", "64", "--seed", "3", "--lr", "3e-4"]
 
 
 def run_tlkit(args, cwd, env=None, timeout=300):
@@ -41,7 +44,7 @@ def test_sigkill_during_epoch_2_then_resume_matches_an_uninterrupted_run(folder,
     ref_history = json.loads((ref_run / "history.json").read_text())
 
     marker = tmp_path / "paused"
-    env = {**os.environ, "TLKIT_TEST_PAUSE_AT": "all:2:2", "TLKIT_TEST_PAUSE_FILE": str(marker)}
+    env = {**os.environ, "TLKIT_TEST_PAUSE_AT": "all:2:1", "TLKIT_TEST_PAUSE_FILE": str(marker)}
     process = subprocess.Popen([sys.executable, "-m", "tlkit.cli", "fit", str(folder),
                                 *FIT_ARGS, "--name", "killed", "-q"], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -49,7 +52,7 @@ def test_sigkill_during_epoch_2_then_resume_matches_an_uninterrupted_run(folder,
         deadline = time.monotonic() + 240
         while not marker.exists():
             assert process.poll() is None, "fit ended before reaching the pause point"
-            assert time.monotonic() < deadline, "fit never reached epoch 2, batch 2"
+            assert time.monotonic() < deadline, "fit never reached epoch 2, batch 1"
             time.sleep(0.2)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -66,9 +69,9 @@ def test_sigkill_during_epoch_2_then_resume_matches_an_uninterrupted_run(folder,
     assert resumed.returncode == 0, resumed.stderr
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
-    assert len(history) == len(ref_history)
-    assert history[0]["loss"] == pytest.approx(ref_history[0]["loss"], rel=1e-5)
-    assert history[-1]["loss"] == pytest.approx(ref_history[-1]["loss"], rel=0.5, abs=0.03)
+    metrics = ("loss", "accuracy", "val_loss", "val_accuracy")
+    assert [h[k] for h in history for k in metrics] == pytest.approx(
+        [h[k] for h in ref_history for k in metrics], rel=1e-5)
     assert not (run / STATE_FILE).exists()  # cleared once the run finished
     export = resumed.stdout.strip().splitlines()[-1]
     assert tlkit.load(tmp_path / export).class_names == ["a", "b"]
@@ -133,3 +136,15 @@ def test_state_round_trip_is_exact(tmp_path):
     for a, b in zip(state.stage.optimizer_state, saved):
         np.testing.assert_array_equal(a, b)
     assert state.epochs_done == 4
+
+
+def test_run_folder_json_is_replaced_whole_never_rewritten_in_place(tmp_path):
+    from tlkit.api import _write_json
+
+    path = tmp_path / "result.json"
+    _write_json(path, {"run": 1})
+    with open(path) as reader:  # a reader of the old file (`--resume` checking it, say)
+        _write_json(path, {"run": 2, "more": "x" * 100})
+        assert json.loads(reader.read()) == {"run": 1}
+    assert json.loads(path.read_text())["run"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -6,7 +6,8 @@ import tensorflow as tf
 
 from tlkit.api import balanced_class_weights
 from tlkit.models import build_classifier
-from tlkit.training import Trainer, adapt_batchnorm_momentum
+from conftest import write_image_folder
+from tlkit.training import Trainer, adapt_batchnorm_momentum, run_schedule
 
 
 def test_balanced_class_weights_weigh_rare_classes_more():
@@ -46,3 +47,32 @@ def test_batchnorm_momentum_follows_the_epoch_length():
     for steps, expected in ((2, 0.0), (4, 0.5), (10, 0.8), (500, 0.9)):
         assert adapt_batchnorm_momentum(model, steps) == expected
         assert all(layer.momentum == expected for layer in norms)
+
+
+def test_fit_with_class_weight_auto_weighs_the_loss_by_its_training_split(image_folder,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    import csv
+
+    import tlkit
+    from tlkit import api
+
+    folder = image_folder(per_class=4)
+    write_image_folder(folder, classes=("a",), per_class=12, seed=1)  # 12 a, 4 b
+    given = []
+
+    def spy(*args, **kwargs):
+        given.append(kwargs["sample_weights"])
+        return run_schedule(*args, **kwargs)
+
+    monkeypatch.setattr(api, "run_schedule", spy)
+    for class_weight in ("auto", "none"):
+        result = tlkit.fit(folder, class_weight=class_weight, backbone="scratch",
+                           image_size=16, epochs=1, augment="none", flip="none", verbose=0,
+                           runs_dir=tmp_path / "runs", export_dir=tmp_path / class_weight)
+    with open(result.run_dir / "splits.csv", newline="") as f:
+        train = [row["class"] for row in csv.DictReader(f) if row["split"] == "train"]
+    counts = np.array([train.count("a"), train.count("b")])
+    assert counts[0] > 2 * counts[1]
+    np.testing.assert_allclose(given[0], len(train) / (2 * counts), rtol=1e-6)
+    assert given[1] is None

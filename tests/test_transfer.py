@@ -27,9 +27,9 @@ def tiny_dataset(size=32, n=16, classes=2, seed=0):
 
 
 def test_registry_has_the_required_backbones():
-    required = {"scratch", "lenet5", "vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0"}
+    required = {"scratch", "lenet5", "vgg16", "resnet50", "mobilenet", "mobilenet_v2",
+                "efficientnet_b0", "efficientnetv2_b0", "convnext_tiny"}  # the README's list
     assert required <= set(list_backbones())
-    assert {"convnext_tiny", "efficientnetv2_b0"} & set(list_backbones())
     for name in PRETRAINED:
         spec = get_backbone(name)
         assert spec.min_size == 32 and spec.default_size == 224
@@ -233,18 +233,39 @@ def test_config_rules_for_weights_and_schedules(image_folder):
 
 def test_a_worse_stage_is_rolled_back():
     dataset, _, _ = tiny_dataset(seed=3)
-    model = build_classifier("scratch", 2, 32)
-    groups = unfreeze_groups(get_backbone("scratch"), model.get_layer("backbone"))
     stages = [Stage(ALL, 3, 1e-3), Stage(ALL, 1, 10.0)]  # the second one wrecks the model
-    first = run_schedule(model, groups, stages[:1], dataset, dataset, verbose=0)
-    kept = [np.array(w) for w in model.get_weights()]
-    results = run_schedule(model, groups, stages, dataset, dataset, verbose=0)
+
+    def schedule(stages):
+        keras.utils.set_random_seed(3)
+        model = build_classifier("scratch", 2, 32)
+        groups = unfreeze_groups(get_backbone("scratch"), model.get_layer("backbone"))
+        return model, run_schedule(model, groups, stages, dataset, dataset, verbose=0)
+
+    first_only, first = schedule(stages[:1])
+    model, results = schedule(stages)
     assert results[1].rolled_back and not results[0].rolled_back
     best_first = results[0].best["val_loss"]
+    assert best_first == pytest.approx(first[0].best["val_loss"], rel=1e-6)  # same stage 1
     assert results[1].best["val_loss"] > best_first
     after = tlkit.training.evaluate(model, dataset)["loss"]
     assert after == pytest.approx(best_first, rel=1e-4)
-    assert first[0].best_epoch >= 1 and len(kept) == len(model.get_weights())
+    for kept, now in zip(first_only.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_allclose(now, kept, rtol=1e-5, atol=1e-6)  # stage 1's weights
+
+
+def test_a_stage_whose_every_val_loss_is_nan_is_rolled_back():
+    dataset, _, _ = tiny_dataset(seed=4)
+    nan_val = dataset.take(0)  # no validation image: val_loss is NaN every epoch
+    model = build_classifier("scratch", 2, 32)
+    groups = unfreeze_groups(get_backbone("scratch"), model.get_layer("backbone"))
+    before = [np.array(w) for w in model.get_weights()]
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        (result,) = run_schedule(model, groups, [Stage(ALL, 2, 1e-3)], dataset, nan_val,
+                                 verbose=0)
+    assert result.diverged and result.rolled_back and result.best == {}
+    assert len(result.history) == 2 and all(np.isnan(h["val_loss"]) for h in result.history)
+    for kept, now in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(now, kept)
 
 
 def test_extend_classifier_keeps_backbone_and_old_rows():
@@ -305,4 +326,33 @@ def test_default_fit_on_photos_offline_names_the_mobilenet_file(image_folder, tm
     message = str(info.value)
     assert "mobilenet_1_0_224_tf_no_top.h5" in message
     assert str(tmp_path / "kh" / "models") in message and "--backbone scratch" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_init_from_errors_name_the_setting_and_the_value(image_folder, tmp_path):
+    folder = image_folder(per_class=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    build_classifier("scratch", 2, 32).save(run / "model.keras")
+    options = dict(runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm", verbose=0)
+
+    def refused(match, **settings):
+        with pytest.raises(ConfigError, match=match):
+            tlkit.fit(folder, **options, **settings)
+
+    refused(r"`init_from` must be a tlkit run folder or its model.keras, with labels.txt",
+            init_from=str(run))  # no labels.txt beside the model
+    (run / "labels.txt").write_text("a\nb\n")
+    refused(r"`backbone` must match the `init_from` model's \('scratch'\). "
+            r"Received: backbone='lenet5'", init_from=str(run), backbone="lenet5")
+    refused(r"`image_size` must match the `init_from` model's \(32\). Received: "
+            r"image_size=64", init_from=str(run), image_size=64)
+    refused(r"`init_from` brings its own weights: leave `weights` unset\. Received: "
+            r"init_from=.*, weights='imagenet'", init_from=str(run), weights="imagenet")
+    (tmp_path / "notes.keras").write_text("not a model")
+    refused(r"`init_from` must be a tlkit run folder or its model.keras. Received: "
+            r"init_from='.*notes.keras'", init_from=str(tmp_path / "notes.keras"))
+    refused(r"`init_from` must be a tlkit run folder", init_from=str(tmp_path / "empty"))
+    (run / "labels.txt").write_text("a\nc\n")  # the data has no class 'c' any more
+    refused(r"classes \['c'\]", init_from=str(run))
     assert not (tmp_path / "runs").exists()

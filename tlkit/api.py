@@ -34,6 +34,7 @@ from tlkit.distribute import (agreed_resume_point, check_agreement, check_batch_
 from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.evaluate import evaluate_arrays
 from tlkit.export import CALIBRATION_IMAGES, check_version_free, export_classifier
+from tlkit.files import write_atomically
 from tlkit.models import (build_backbone, build_classifier, extend_classifier,
                           load_for_continuation, copy_classifier)
 from tlkit.plots import plot_history
@@ -99,7 +100,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
         config = build_config(config, data_dir=data_dir and os.fspath(data_dir), **options)
         run_dir, state = None, None
     notes = []
-    config = config.resolve(_survey(config), notes)
+    requested, config = config, config.resolve(_survey(config), notes)
     verbose = config.train.verbose
     if verbose:
         for note in notes:
@@ -140,7 +141,8 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                                      config.model.dropout, backbone_model=backbone)
         if cluster.workers > 1:
             check_agreement(cluster, _worker_fingerprint(config, data, model))
-        run_dir, own_dir, state = _open_run_folder(cluster, config, data, run_dir, state)
+        run_dir, own_dir, state = _open_run_folder(cluster, config, requested, data, run_dir,
+                                                   state)
         if not pretrained:
             steps = -(-len(data.splits["train"]) // config.data.batch_size)
             adapt_batchnorm_momentum(model, steps)
@@ -215,7 +217,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                           "weights": config.model.weights, "schedule": schedule,
                           "epochs_trained": len(history),
                           "data": {n: len(s) for n, s in data.splits.items()},
-                          "run_dir": str(run_dir), "config": config.to_dict()},
+                          "run_dir": str(run_dir.resolve()), "config": config.to_dict()},
                 verify_images=data.splits["val"].images[:8],
                 verify_probabilities=probabilities["val"][:8],
                 model_card=_model_card(config, data, schedule, evaluation),
@@ -314,10 +316,11 @@ def _survey(config):
         return None
 
 
-def _open_run_folder(cluster, config, data, run_dir, state):
+def _open_run_folder(cluster, config, requested, data, run_dir, state):
     """Makes the run folder of a new run, or checks the one resumed. The chief makes it and
-    names it for every worker; each other worker keeps its config, split and resume state
-    in its own folder in it (`tlkit.distribute.worker_folder`).
+    names it for every worker; each other worker keeps its config (resolved, and as
+    `requested`), split and resume state in its own folder in it
+    (`tlkit.distribute.worker_folder`).
 
     Returns:
         `(run folder, this worker's folder, state to resume from or None)`.
@@ -338,7 +341,7 @@ def _open_run_folder(cluster, config, data, run_dir, state):
         run_dir = Path(config.export.runs_dir) / config.export.name / name
     own_dir = worker_folder(run_dir, cluster.worker)
     own_dir.mkdir(parents=True, exist_ok=True)
-    config.save(own_dir / "config.json")
+    config.save(own_dir / "config.json", requested=requested)
     _write_splits(own_dir / "splits.csv", data)
     if cluster.is_chief:
         _write_json(run_dir / "data.json", data.report())
@@ -551,6 +554,7 @@ def _schedule_report(results):
                        "first_epoch": first_epoch, "epochs": len(result.history),
                        "best_epoch": first_epoch + result.best_epoch - 1,
                        "best": result.best, "rolled_back": result.rolled_back,
+                       "diverged": result.diverged,
                        "trainable_weights": result.trainable_weights})
         first_epoch += len(result.history)
     return report
@@ -579,7 +583,9 @@ def _make_run_dir(config):
 
 
 def _write_json(path, value):
-    Path(path).write_text(json.dumps(value, indent=2) + "\n")
+    """Writes `value` as JSON atomically: `--resume` takes a result.json as a finished run."""
+    text = (json.dumps(value, indent=2) + "\n").encode()
+    write_atomically(path, lambda f: f.write(text))
 
 
 def _write_csv(path, rows):

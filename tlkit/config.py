@@ -5,7 +5,9 @@ data flow. The CLI builds it from flags (or from a JSON file written by an earli
 library validates every field when the object is made, so a bad value fails before any work
 starts, with a message that names the setting and the value received. `"auto"` values are
 resolved in one place, `FitConfig.resolve`, and the resolved config is saved in the run
-folder, so `tlkit fit --config run/config.json` repeats the run.
+folder, so `tlkit fit --config run/config.json` repeats the run; the settings that depend on
+the machine or the backbone (`REQUESTED`) are saved as asked too and read back as asked, so
+the re-run resolves them for its own machine.
 """
 
 import dataclasses
@@ -25,6 +27,10 @@ CACHE_MODES = ("auto", "memory", "disk")
 RESIZE_POLICIES = ("squash", "crop", "pad")
 DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
 JIT_MODES = ("auto", "on", "off")
+
+# Settings whose resolved value depends on the machine (a GPU's `jit="on"` compiles XLA on a
+# CPU, 3.8x slower) or the backbone: a saved config keeps them as asked, beside the resolved.
+REQUESTED = {"model": ("weights", "dropout"), "train": ("unfreeze", "distribute", "jit")}
 
 # Data-dependent defaults, chosen on benchmarks/transfer_real.py's validation photos.
 PRETRAINED_BACKBONE = "mobilenet"  # what backbone="auto" trains when the images are big enough
@@ -333,17 +339,36 @@ class FitConfig:
             kwargs["seed"] = values["seed"]
         return cls(**kwargs)
 
-    def save(self, path):
-        """Writes the config as JSON to `path`."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path, requested=None):
+        """Writes the config as JSON to `path`.
+
+        Args:
+            path: the file to write.
+            requested: the config as asked, before `resolve`: its `REQUESTED` settings
+                (`"auto"` included) are saved too, under `"requested"`, for `load`.
+        """
+        values = self.to_dict()
+        if requested is not None:
+            values["requested"] = {section: {name: getattr(getattr(requested, section), name)
+                                             for name in names}
+                                   for section, names in REQUESTED.items()}
+        Path(path).write_text(json.dumps(values, indent=2) + "\n")
 
     @classmethod
     def load(cls, path):
-        """Reads a config written by `save` (for example a run folder's `config.json`)."""
+        """Reads a config written by `save` (for example a run folder's `config.json`),
+        with its `"requested"` settings, if any, instead of their resolved values."""
         try:
             values = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"Cannot read config file {str(path)!r}: {e}") from None
+        if isinstance(values, dict) and "requested" in values:
+            requested = values.pop("requested")
+            _check_keys("config['requested']", requested, REQUESTED)
+            for section, asked in requested.items():
+                _check_keys(f"config['requested'][{section!r}]", asked, REQUESTED[section])
+                if isinstance(values.get(section), dict):
+                    values[section].update(asked)
         return cls.from_dict(values)
 
 

@@ -8,6 +8,7 @@ a heatmap) and in Python. The default layer is the backbone's last layer whose o
 spatial map larger than 1x1.
 """
 
+from collections import Counter
 from pathlib import Path
 
 import keras
@@ -154,7 +155,9 @@ def explain_files(files, model=None, export_dir="saved_models", class_name=None,
         class_name: explain this class instead of the top one.
         layer: a backbone layer other than the export's own Grad-CAM layer; this needs the
             export's run folder (its `model.keras`), named in the export's metadata.
-        output_dir: where the PNGs go (`<stem>_gradcam.png`).
+        output_dir: where the PNGs go: `<stem>_gradcam.png`, or
+            `<folder>_<stem>_gradcam.png` for files that share a stem (`a/1.png`,
+            `b/1.png`), with the file's position appended if that still collides.
 
     Returns:
         A list of dicts: file, png, class, probability.
@@ -177,8 +180,9 @@ def explain_files(files, model=None, export_dir="saved_models", class_name=None,
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     class_id = -1 if class_name is None else classifier.class_names.index(class_name)
+    files = [Path(file) for file in files]
     results = []
-    for file in map(Path, files):
+    for file, name in zip(files, _output_names(files)):
         image = load_image(file, classifier.image_size, classifier.resize)
         out = explain(images=tf.constant(image[None], tf.float32),
                       class_ids=tf.constant([class_id], tf.int64))
@@ -186,11 +190,21 @@ def explain_files(files, model=None, export_dir="saved_models", class_name=None,
         probability = float(out["probabilities"][0, chosen])
         label = classifier.class_names[chosen]
         png = save_overlay(image, out["heatmaps"][0].numpy(),
-                           output_dir / f"{file.stem}_gradcam.png",
+                           output_dir / f"{name}_gradcam.png",
                            f"{file.name}: {label} ({probability:.1%})")
         results.append({"file": str(file), "png": str(png), "class": label,
                         "probability": probability})
     return results
+
+
+def _output_names(files):
+    """A distinct name per file: its stem, its folder's name first where stems collide."""
+    stems = Counter(file.stem for file in files)
+    names = [file.stem if stems[file.stem] == 1 else f"{file.parent.name}_{file.stem}"
+             for file in files]
+    counts = Counter(names)
+    return [f"{name}_{index}" if counts[name] > 1 else name
+            for index, name in enumerate(names, start=1)]
 
 
 def _run_model(classifier):

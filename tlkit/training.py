@@ -11,6 +11,7 @@ import math
 import os
 import re
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class StageResult:
     best: dict = field(default_factory=dict)  # metrics of the best epoch
     stopped_early: bool = False  # ended by patience before `epochs`
     rolled_back: bool = False  # its best was worse than the previous stage's: undone
+    diverged: bool = False  # every val_loss was NaN: rolled back, nothing kept
     learning_rate: float = 0.0  # the stage's learning rate
     trainable_weights: int = 0  # number of trainable weight tensors during the stage
 
@@ -562,7 +564,8 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
     learning rate, and keeps its best epoch. A stage whose best `val_loss` is worse than the
-    best so far is rolled back to the weights before it.
+    best so far is rolled back to the weights before it; so is a stage whose every `val_loss`
+    is NaN (it diverged: `StageResult.diverged`, with a `RuntimeWarning`).
 
     Args:
         model: a tlkit classifier.
@@ -622,14 +625,21 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         progress = resume.stage if resume is not None and index == resume.stage_index else None
         inputs = stage_inputs(stage) if stage_inputs is not None else None
         trained, stage_train, stage_val = inputs or (model, train_ds, val_ds)
+        before = best_weights if best_weights is not None else model.get_weights()
         trainer = Trainer(trained, verbose=verbose, jit_compile=jit_compile,
                           steps_per_execution=steps_per_execution, strategy=strategy)
         result = trainer.train_stage(
             stage_train, stage_val, epochs=stage.epochs, learning_rate=stage.learning_rate,
             patience=patience, name=stage.target, sample_weights=sample_weights,
             resume=progress, on_epoch_end=lambda p, i=index: save(i, p))
-        if result.best["val_loss"] > best:
-            model.set_weights(best_weights)
+        if not result.best:  # no epoch had a val_loss to compare: NaN throughout
+            model.set_weights(before)
+            result.rolled_back = result.diverged = True
+            warnings.warn(f"Stage {stage} diverged (every val_loss was NaN): rolled back to "
+                          "the weights before it. A lower learning rate may help.",
+                          RuntimeWarning, stacklevel=2)
+        elif result.best["val_loss"] > best:
+            model.set_weights(before)
             result.rolled_back = True
             if verbose:
                 print(f"[{stage.target}] best val_loss {result.best['val_loss']:.4f} is worse "
