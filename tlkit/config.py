@@ -28,6 +28,7 @@ RESIZE_POLICIES = ("squash", "crop", "pad")
 DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
 JIT_MODES = ("auto", "on", "off")
 
+
 def _paths_to_str(config, *names):
     """Stores path-like fields as strings, so configs compare and serialise as JSON."""
     for name in names:

@@ -123,7 +123,7 @@ class ModelServer:
         except OSError as e:
             self.stop()
             raise ConfigError(f"Cannot listen on {self.host}:{port} (REST): {e.strerror}. "
-                              "Choose another port.") from None
+                              "Choose another `port`.") from None
         self.rest_port = self._http.port
         if modules is not None:
             self._grpc = GrpcServer(self, grpc_port, modules)
@@ -131,7 +131,7 @@ class ModelServer:
             if self.grpc_port is None:
                 self.stop()
                 raise ConfigError(f"Cannot listen on {self.host}:{grpc_port} (gRPC). Choose "
-                                  "another grpc_port.")
+                                  "another `grpc_port`.")
         return self
 
     def stop(self):
