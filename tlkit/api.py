@@ -1,10 +1,12 @@
 """`tlkit.fit`: the whole run, from a folder of images to a verified export.
 
-    config -> load_image_data -> build_classifier (+ augmenter) -> Trainer -> evaluate
-           -> run folder (config, data report, history, curves, .keras) -> export_classifier
+    config -> resolve_config -> load_image_data -> build_classifier (+ augmenter) -> Trainer
+           -> evaluate -> run folder (config, data report, history, curves, .keras)
+           -> export_classifier
 
-Every step is a public function of its own module; this one only wires them together and
-writes the run folder, so a Python user can replace any step.
+Every step is a public function of its own module; this one resolves the `"auto"` settings
+(`resolve_config`: they depend on the data, the backbone and the machine), wires the steps
+together and writes the run folder, so a Python user can replace any step.
 """
 
 import contextlib
