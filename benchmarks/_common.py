@@ -1,8 +1,11 @@
-"""Helpers shared by the benchmark scripts: machine description and RESULTS.md sections."""
+"""Helpers shared by the benchmark scripts (and tests): machine description, RESULTS.md
+sections, a multi-worker cluster on loopback ports."""
 
+import json
 import os
 import platform
 import re
+import socket
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -45,3 +48,20 @@ def publish(name, lines, met=True):
     print(report)
     write_section(name, report)
     return 0 if met else 1
+
+
+def loopback_cluster(workers):
+    """`TF_CONFIG` values for `workers` processes of one cluster on this machine, on free
+    127.0.0.1 ports (worker 0 is the chief): multi-worker training tried on one host.
+
+    Returns:
+        A list of JSON strings, the one for worker `i` at index `i`.
+    """
+    sockets = [socket.socket() for _ in range(workers)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    hosts = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    return [json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}})
+            for i in range(workers)]

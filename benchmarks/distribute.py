@@ -28,9 +28,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks._common import machine, publish  # noqa: E402
+from benchmarks._common import loopback_cluster, machine, publish  # noqa: E402
 from benchmarks.jit import DIGITS, epoch_seconds  # noqa: E402
-from tlkit.distribute import loopback_cluster  # noqa: E402
 
 SIZE, BATCH, EPOCHS = 32, 64, 8
 FIT = dict(data_dir=str(DIGITS), image_size=SIZE, batch_size=BATCH, epochs=EPOCHS,

@@ -364,11 +364,12 @@ def report(results, ns, seeds, minutes, image_size):
 
 def tlkit_image_size(train_dir):
     """The image size tlkit resolves for `--backbone mobilenet` on this training folder."""
+    from tlkit.api import resolve_config
     from tlkit.config import build_config
     from tlkit.data import survey_folder
 
     config = build_config(data_dir=str(train_dir), backbone="mobilenet", weights="imagenet")
-    return config.resolve(survey_folder(train_dir)).data.image_size
+    return resolve_config(config, survey_folder(train_dir)).data.image_size
 
 
 def benchmark(ns, seeds, arms):

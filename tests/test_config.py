@@ -1,10 +1,11 @@
-"""Settings: validation of every field, routing of flat options, `resolve`, save/load."""
+"""Settings: validation of every field, routing of flat options, `resolve_config`, save/load."""
 
 import dataclasses
 import json
 
 import pytest
 
+from tlkit.api import resolve_config
 from tlkit.backbones import get_backbone
 from tlkit.config import FitConfig, build_config
 from tlkit.errors import ConfigError, TlkitError
@@ -41,7 +42,6 @@ INVALID = [
     pytest.param({"dropout": 1.5}, ["`dropout`", "Received: dropout=1.5"], id="dropout"),
     pytest.param({"seed": -1}, ["`seed`", "Received: seed=-1"], id="seed"),
     pytest.param({"epochs": True}, ["`epochs`", "Received: epochs=True"], id="epochs-bool"),
-    pytest.param({"backbone": "x"}, ["`backbone`", "Received: backbone='x'"], id="backbone"),
 ]
 
 
@@ -144,31 +144,39 @@ def test_from_dict_validates_values(tmp_path):
         FitConfig.from_dict({"data": {"data_dir": _data_dir(tmp_path)}, "seed": -3})
 
 
-# --- resolve ----------------------------------------------------------------------------------
+def test_an_unknown_backbone_is_refused_when_the_config_is_resolved(tmp_path):
+    config = build_config(data_dir=_data_dir(tmp_path), backbone="x")
+    with pytest.raises(ConfigError, match="`backbone` must be one of .* Received: backbone='x'"):
+        resolve_config(config)
+    with pytest.raises(ConfigError, match="Received: backbone=3"):
+        build_config(data_dir=_data_dir(tmp_path), backbone=3)
+
+
+# --- resolve_config ---------------------------------------------------------------------------
 
 
 def test_resolve_fills_image_size_dropout_and_name(tmp_path):
     config = build_config(data_dir=_data_dir(tmp_path))
     assert config.data.image_size == "auto"
     assert config.export.name == "auto"
-    resolved = config.resolve()
+    resolved = resolve_config(config)
     assert resolved.data.image_size == 32
     assert resolved.model.dropout == get_backbone("scratch").default_dropout
     assert resolved.export.name == "flowers"
     assert config.data.image_size == "auto"
-    assert resolved.resolve() == resolved
+    assert resolve_config(resolved) == resolved
 
 
 def test_resolve_name_of_a_relative_data_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(_data_dir(tmp_path))
-    assert build_config(data_dir=".").resolve().export.name == "flowers"
-    assert build_config(data_dir=_data_dir(tmp_path) + "/").resolve().export.name == "flowers"
+    assert resolve_config(build_config(data_dir=".")).export.name == "flowers"
+    assert resolve_config(build_config(data_dir=_data_dir(tmp_path) + "/")).export.name == "flowers"
 
 
 def test_resolve_keeps_explicit_values(tmp_path):
     config = build_config(data_dir=_data_dir(tmp_path), image_size=40, name="mine",
                           dropout=0.1)
-    resolved = config.resolve()
+    resolved = resolve_config(config)
     assert (resolved.data.image_size, resolved.export.name, resolved.model.dropout) == (
         40, "mine", 0.1)
 
@@ -176,7 +184,7 @@ def test_resolve_keeps_explicit_values(tmp_path):
 def test_resolve_refuses_an_image_size_below_the_backbone_minimum(tmp_path):
     config = build_config(data_dir=_data_dir(tmp_path), backbone="lenet5", image_size=16)
     with pytest.raises(ConfigError) as info:
-        config.resolve()
+        resolve_config(config)
     assert "`image_size`" in str(info.value)
     assert "Received: image_size=16" in str(info.value)
 
@@ -188,7 +196,7 @@ def test_save_load_round_trip(tmp_path):
     config = build_config(data_dir=_data_dir(tmp_path), val_dir=str(tmp_path), val_split=0.0,
                           backbone="lenet5", epochs=2, learning_rate=3e-4, flip="none",
                           name="net", version=3, seed=11)
-    for original in (config, config.resolve()):
+    for original in (config, resolve_config(config)):
         path = tmp_path / "config.json"
         original.save(path)
         assert json.loads(path.read_text()) == original.to_dict()
@@ -198,7 +206,7 @@ def test_save_load_round_trip(tmp_path):
 def test_a_saved_run_keeps_the_machine_dependent_settings_as_asked(tmp_path):
     asked = build_config(data_dir=_data_dir(tmp_path), backbone="mobilenet", jit="auto",
                          distribute="auto", epochs=4)
-    resolved = asked.resolve()
+    resolved = resolve_config(asked)
     on_a_gpu = dataclasses.replace(  # what the same request resolves to on a GPU machine
         resolved, train=dataclasses.replace(resolved.train, jit="on", distribute="mirrored"))
     path = tmp_path / "config.json"
@@ -211,8 +219,8 @@ def test_a_saved_run_keeps_the_machine_dependent_settings_as_asked(tmp_path):
     loaded = FitConfig.load(path)
     assert (loaded.train.jit, loaded.train.distribute, loaded.model.weights) == ("auto",) * 3
     assert loaded.train.epochs == 4 and loaded.model.backbone == "mobilenet"
-    assert loaded.resolve() == resolved  # this machine's own resolution
-    rerun = build_config(loaded, backbone="lenet5").resolve()  # resolved for lenet5 now
+    assert resolve_config(loaded) == resolved  # this machine's own resolution
+    rerun = resolve_config(build_config(loaded, backbone="lenet5"))  # resolved for lenet5 now
     assert (rerun.model.weights, rerun.train.unfreeze) == ("none", 0)
     assert rerun.model.dropout == get_backbone("lenet5").default_dropout
     saved["requested"]["train"]["colour"] = "red"
@@ -247,21 +255,21 @@ def test_auto_backbone_and_image_size_follow_the_data():
 
     config = build_config(data_dir="photos")
     notes = []
-    photos = config.resolve(DataSurvey(images_per_class=40, image_side=480), notes)
+    photos = resolve_config(config, DataSurvey(images_per_class=40, image_side=480), notes)
     assert (photos.model.backbone, photos.model.weights) == ("mobilenet", "imagenet")
     assert photos.data.image_size == get_backbone("mobilenet").default_size
     assert notes and "480 px" in notes[0]
-    small = config.resolve(DataSurvey(images_per_class=40, image_side=28), notes := [])
+    small = resolve_config(config, DataSurvey(images_per_class=40, image_side=28), notes := [])
     assert (small.model.backbone, small.data.image_size) == ("mobilenet", 96)
     assert any("96 px" in note for note in notes)
-    assert config.resolve(DataSurvey(40, 150)).data.image_size == 160
-    tiny = config.resolve(DataSurvey(images_per_class=40, image_side=8), notes := [])
+    assert resolve_config(config, DataSurvey(40, 150)).data.image_size == 160
+    tiny = resolve_config(config, DataSurvey(images_per_class=40, image_side=8), notes := [])
     assert (tiny.model.backbone, tiny.data.image_size) == ("scratch", 32)
     assert "scratch" in notes[0]
     # Given settings win over the survey; no survey keeps the scratch CNN.
     given = build_config(data_dir="photos", backbone="scratch", image_size=48)
-    assert given.resolve(DataSurvey(40, 480)).data.image_size == 48
-    assert config.resolve().model.backbone == "scratch"
+    assert resolve_config(given, DataSurvey(40, 480)).data.image_size == 48
+    assert resolve_config(config).model.backbone == "scratch"
 
 
 def test_survey_counts_the_smallest_class_and_reads_sizes_from_headers(tmp_path):
@@ -300,14 +308,15 @@ def test_switches_must_be_booleans_not_numbers(name):
 
 
 def test_zero_fine_tune_epochs_means_the_head_only():
-    config = build_config(data_dir="x", backbone="mobilenet", fine_tune_epochs=0).resolve()
+    config = resolve_config(build_config(data_dir="x", backbone="mobilenet",
+                                         fine_tune_epochs=0))
     assert config.train.unfreeze == 0
     with pytest.raises(ConfigError, match="no fine-tuning"):
         build_config(data_dir="x", backbone="mobilenet", fine_tune_epochs=0, unfreeze=1)
 
 
 def test_augment_none_means_no_flips_unless_asked():
-    resolve = lambda **kw: build_config(data_dir="x", **kw).resolve().model.flip  # noqa: E731
+    resolve = lambda **kw: resolve_config(build_config(data_dir="x", **kw)).model.flip  # noqa: E731
     assert resolve() == "horizontal"
     assert resolve(augment="none") == "none"
     assert resolve(augment="none", flip="vertical") == "vertical"

@@ -71,7 +71,7 @@ def test_predict_is_quiet_unless_asked(fitted, ask):
 
 
 def test_import_tensorflow_passes_on_other_stderr_lines():
-    from tlkit import _shown_lines
+    from tlkit.runtime import _shown_lines
 
     text = (b"WARNING: All log messages before absl::InitializeLog() is called are written "
             b"to STDERR\n"

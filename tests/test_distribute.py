@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import keras
@@ -14,14 +15,18 @@ import pytest
 import tensorflow as tf
 
 import tlkit
+from tlkit.api import resolve_config
 from tlkit.config import TrainConfig
 from tlkit.distribute import (Cluster, check_batch_size, cpu_has_bfloat16, gpu_count,
-                              loopback_cluster, resolve_distribute, resolve_jit, worker_index)
+                              resolve_distribute, resolve_jit, worker_index)
 from tlkit.errors import ConfigError
 from tlkit.models import build_backbone, build_classifier, copy_classifier
 from tlkit.training import Trainer
 
+from benchmarks._common import loopback_cluster
 from conftest import DIGITS, write_image_folder
+
+PAUSED_CLI = Path(__file__).resolve().parent / "paused_cli.py"
 
 WORKER_SCRIPT = """
 import json, sys
@@ -125,10 +130,10 @@ def test_a_failed_worker_stops_the_other_with_a_clear_error_then_the_job_resumes
     args = ["--image-size", "16", "--epochs", "3", "--patience", "5", "--augment", "none",
             "--flip", "none", "--batch-size", "8", "--seed", "3", "--cache-dir", "cache"]
     marker = tmp_path / "paused"
-    pause = {"TLKIT_TEST_PAUSE_AT": "all:2:1", "TLKIT_TEST_PAUSE_FILE": str(marker)}
+    paused = [sys.executable, str(PAUSED_CLI), "all:2:1", str(marker), "fit"]
     timeout = {"TLKIT_COLLECTIVE_TIMEOUT": "10"} if failure == "hung" else {}
-    processes = start_workers(lambda i: [*fit, str(shapes), *args], tmp_path,
-                              lambda i: {**timeout, **(pause if i == 1 else {})})
+    processes = start_workers(lambda i: [*(paused if i == 1 else fit), str(shapes), *args],
+                              tmp_path, lambda i: timeout)
     chief, other = processes
     try:
         deadline = time.monotonic() + LIMIT
@@ -151,7 +156,7 @@ def test_a_failed_worker_stops_the_other_with_a_clear_error_then_the_job_resumes
     assert f"Error: Worker 0 of 2 stopped training: {cause}" in error
     assert seconds < (30 if failure == "hung" else 45)
     run = next((tmp_path / "runs" / "shapes").iterdir())
-    assert f"restart every worker with: tlkit fit --resume {run.relative_to(tmp_path)}" in error
+    assert f"restart every worker with `--resume {run.relative_to(tmp_path)}`" in error
     if failure == "hung":
         return
 
@@ -223,7 +228,7 @@ def test_auto_resolves_from_tf_config_and_the_devices(monkeypatch, tmp_path):
 
     monkeypatch.delenv("TF_CONFIG")
     config = tlkit.build_config(data_dir=str(tmp_path), distribute="auto", jit="auto")
-    train = config.resolve().train
+    train = resolve_config(config).train
     assert (train.distribute, train.jit) == ("mirrored", "off")
 
 

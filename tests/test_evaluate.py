@@ -232,7 +232,8 @@ def test_evaluate_arrays_uses_given_probabilities(monkeypatch):
 def test_probability_metrics_equal_evaluate_on_the_dataset():
     import tensorflow as tf
 
-    from tlkit.training import evaluate, predict_probabilities, probability_metrics
+    from tlkit.models import predict_probabilities
+    from tlkit.training import evaluate, probability_metrics
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (21, 8, 8, 3), dtype=np.uint8)

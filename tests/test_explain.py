@@ -10,7 +10,8 @@ from PIL import Image
 
 import tlkit
 from tlkit.errors import ConfigError
-from tlkit.explain import default_layer, explain_files, make_gradcam
+from tlkit.explain import explain_files
+from tlkit.gradcam import default_layer, make_gradcam
 from tlkit.images import load_image
 from tlkit.models import build_classifier
 

@@ -157,7 +157,8 @@ def test_fit_with_an_unknown_backbone_lists_the_backbones(image_folder, tmp_path
                     "--runs-dir", tmp_path / "runs", "-q")
     assert_clean_failure(result)
     [line] = error_lines(result)
-    assert "Received: backbone='x'" in line
+    assert "`--backbone` must be one of" in line  # the library's `backbone`, in flags
+    assert "Received: --backbone x" in line
     for name in list_backbones():
         assert repr(name) in line
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tlkit.cli import main
+from tlkit.api import resolve_config
 from tlkit.config import build_config
 from tlkit.data import load_image_data
 
@@ -57,7 +58,7 @@ def _fit_options(fit):
 
 def test_readme_prediction_example_is_held_out_of_training():
     fit, predict = demo_steps()
-    config = build_config(data_dir=str(REPO / fit[2]), **_fit_options(fit)).resolve()
+    config = resolve_config(build_config(data_dir=str(REPO / fit[2]), **_fit_options(fit)))
     data = load_image_data(config.data, seed=config.seed, verbose=0)
     try:
         target = str(REPO / predict[2])

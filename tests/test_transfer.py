@@ -12,8 +12,9 @@ from tlkit.backbones import get_backbone, list_backbones, unfreeze_groups
 from tlkit.errors import ConfigError, WeightsError
 from tlkit.export import export_classifier
 from tlkit.models import build_backbone, build_classifier, extend_classifier
-from tlkit.training import (ALL, HEAD, Stage, parse_stages, plan_stages, run_schedule,
-                            set_trainable)
+from tlkit.api import resolve_config
+from tlkit.schedule import ALL, HEAD, Stage, parse_stages, plan_stages
+from tlkit.training import run_schedule, set_trainable
 
 PRETRAINED = [n for n in list_backbones() if get_backbone(n).imagenet]
 
@@ -167,7 +168,8 @@ def test_failed_imagenet_download_gives_the_actionable_error(tmp_path, monkeypat
     message = str(info.value)
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(tmp_path / "keras_home" / "models") in message
-    assert "--weights PATH" in message and "--weights none" in message
+    assert "`weights='none'`" in message and "`backbone='scratch'`" in message
+    assert "--weights" not in message  # flags are the CLI's words
 
 
 def test_fit_fails_on_download_before_reading_any_image(image_folder, tmp_path, monkeypatch):
@@ -217,18 +219,20 @@ def test_plan_stages():
 
 def test_config_rules_for_weights_and_schedules(image_folder):
     folder = str(image_folder(per_class=3))
-    config = tlkit.build_config(data_dir=folder, backbone="resnet50").resolve()
+    config = resolve_config(tlkit.build_config(data_dir=folder, backbone="resnet50"))
     assert config.model.weights == "imagenet" and config.train.unfreeze == 1
     assert config.data.image_size == 224
-    config = tlkit.build_config(data_dir=folder, backbone="resnet50", weights="none").resolve()
+    config = resolve_config(tlkit.build_config(data_dir=folder, backbone="resnet50",
+                                               weights="none"))
     assert config.train.unfreeze == 0
     with pytest.raises(ConfigError, match="freezing it is meaningless"):
-        tlkit.build_config(data_dir=folder, backbone="vgg16", weights="none",
-                           stages="head:2@1e-3").resolve()
+        resolve_config(tlkit.build_config(data_dir=folder, backbone="vgg16", weights="none",
+                                          stages="head:2@1e-3"))
     with pytest.raises(ConfigError, match="needs pretrained weights"):
-        tlkit.build_config(data_dir=folder, weights="none", unfreeze=1).resolve()
+        resolve_config(tlkit.build_config(data_dir=folder, weights="none", unfreeze=1))
     with pytest.raises(ConfigError, match="target must be one of"):
-        tlkit.build_config(data_dir=folder, backbone="vgg16", stages="conv5:2@1e-3").resolve()
+        resolve_config(tlkit.build_config(data_dir=folder, backbone="vgg16",
+                                          stages="conv5:2@1e-3"))
 
 
 def test_a_worse_stage_is_rolled_back():
@@ -317,6 +321,7 @@ def test_init_from_adds_a_new_class(image_folder, tmp_path):
 
 def test_default_fit_on_photos_offline_names_the_mobilenet_file(image_folder, tmp_path,
                                                                 monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
     monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "kh"))
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
@@ -325,7 +330,7 @@ def test_default_fit_on_photos_offline_names_the_mobilenet_file(image_folder, tm
         tlkit.fit(folder, runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm", verbose=0)
     message = str(info.value)
     assert "mobilenet_1_0_224_tf_no_top.h5" in message
-    assert str(tmp_path / "kh" / "models") in message and "--backbone scratch" in message
+    assert str(tmp_path / "kh" / "models") in message and "`backbone='scratch'`" in message
     assert not (tmp_path / "runs").exists()
 
 

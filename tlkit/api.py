@@ -1,14 +1,17 @@
 """`tlkit.fit`: the whole run, from a folder of images to a verified export.
 
-    config -> load_image_data -> build_classifier (+ augmenter) -> Trainer -> evaluate
-           -> run folder (config, data report, history, curves, .keras) -> export_classifier
+    config -> resolve_config -> load_image_data -> build_classifier (+ augmenter) -> Trainer
+           -> evaluate -> run folder (config, data report, history, curves, .keras)
+           -> export_classifier
 
-Every step is a public function of its own module; this one only wires them together and
-writes the run folder, so a Python user can replace any step.
+Every step is a public function of its own module; this one resolves the `"auto"` settings
+(`resolve_config`: they depend on the data, the backbone and the machine), wires the steps
+together and writes the run folder, so a Python user can replace any step.
 """
 
 import contextlib
 import csv
+import dataclasses
 import datetime
 import itertools
 import json
@@ -30,18 +33,24 @@ from tlkit.doctor import split_leaks
 from tlkit.checkpoint import clear_state, load_state
 from tlkit.distribute import (agreed_resume_point, check_agreement, check_batch_size,
                               chief_text, connect, failures, for_training, precision_policy,
-                              worker_folder, worker_index)
+                              resolve_distribute, resolve_jit, worker_folder, worker_index)
 from tlkit.errors import ConfigError, DataError, TlkitError
 from tlkit.evaluate import evaluate_arrays
 from tlkit.export import CALIBRATION_IMAGES, check_version_free, export_classifier
 from tlkit.files import write_atomically
-from tlkit.models import (build_backbone, build_classifier, extend_classifier,
-                          load_for_continuation, copy_classifier)
+from tlkit.models import (build_backbone, build_classifier, describe_keras_file,
+                          extend_classifier, load_for_continuation, copy_classifier,
+                          predict_probabilities)
 from tlkit.plots import plot_history
-from tlkit.training import (HEAD, adapt_batchnorm_momentum, parse_stages, plan_stages,
-                            predict_probabilities, probability_metrics, run_schedule)
+from tlkit.schedule import ALL, HEAD, parse_stages, plan_stages
+from tlkit.training import adapt_batchnorm_momentum, probability_metrics, run_schedule
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
+
+# Data-dependent defaults, chosen on benchmarks/transfer_real.py's validation photos.
+PRETRAINED_BACKBONE = "mobilenet"  # what backbone="auto" trains when the images are big enough
+MIN_PRETRAINED_SIDE = 24  # images smaller than this (median shorter side) train from scratch
+MIN_PRETRAINED_INPUT = 96  # smallest input side given to a pretrained backbone
 
 
 @dataclass
@@ -57,7 +66,7 @@ class FitResult:
     seconds: dict = field(default_factory=dict)  # time per step: decode, features, epochs, ...
 
 
-def fit(data_dir=None, *, config=None, resume=None, **options):
+def fit(data_dir=None, *, config=None, resume=None, on_batch_end=None, **options):
     """Trains an image classifier on a folder of images and exports it as a SavedModel.
 
     The run state is saved in the run folder after every epoch; a run that was killed or
@@ -69,6 +78,9 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
             options given as keywords override it.
         resume: a run folder of an interrupted run: continue it with its own settings
             (only `verbose` may be given with it).
+        on_batch_end: called as `on_batch_end(stage, epoch, batch)` after every training
+            batch (see `tlkit.training.run_schedule`), for example to report progress or
+            to stop the run by raising `KeyboardInterrupt`.
         **options: any setting of `tlkit.config` by field name, for example
             `backbone="lenet5"`, `image_size=32`, `epochs=10`, `val_split=0.2`,
             `test_split=0.1`, `augment="light"`, `flip="none"`, `export_dir="saved_models"`,
@@ -100,7 +112,7 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
         config = build_config(config, data_dir=data_dir and os.fspath(data_dir), **options)
         run_dir, state = None, None
     notes = []
-    requested, config = config, config.resolve(_survey(config), notes)
+    requested, config = config, resolve_config(config, _survey(config), notes)
     verbose = config.train.verbose
     if verbose:
         for note in notes:
@@ -172,11 +184,12 @@ def fit(data_dir=None, *, config=None, resume=None, **options):
                     jit_compile=config.train.jit == "on", strategy=cluster.strategy,
                     keep_previous_state=cluster.workers > 1,
                     stage_inputs=_feature_inputs(config, spec, trained, data, verbose,
-                                                 clock))
+                                                 clock),
+                    on_batch_end=on_batch_end)
         except KeyboardInterrupt:
             raise Interrupted(
                 "Training interrupted; every completed epoch is saved in "
-                f"{str(run_dir)!r}. Resume with: tlkit fit --resume {run_dir}"
+                f"{str(run_dir)!r}. Resume with `resume={str(run_dir)!r}`."
             ) from None
         history = [epoch for result in results for epoch in result.history]
         if trained is not model:  # a plain float32 copy evaluates and exports
@@ -302,6 +315,131 @@ def _resumable_run(resume, data_dir, config, options):
     if options.get("verbose") is not None:
         config = build_config(config, verbose=options["verbose"])
     return run_dir, config, state
+
+
+def resolve_config(config, survey=None, notes=None):
+    """Returns a copy of a `FitConfig` with every `"auto"` value replaced by what it means
+    for this run, and checks the settings that depend on the backbone or the machine.
+
+    Args:
+        config: the `FitConfig` to resolve.
+        survey: what the data folder holds (`tlkit.data.survey_folder`), for the
+            settings that follow the data: `backbone="auto"` trains
+            `PRETRAINED_BACKBONE` when the images' median shorter side is at least
+            `MIN_PRETRAINED_SIDE` pixels and the scratch CNN below that (or without a
+            survey); a pretrained backbone's `image_size="auto"` is the images' side
+            rounded up to a multiple of 32, within `MIN_PRETRAINED_INPUT` and the
+            backbone's default size.
+        notes: a list that gets one sentence per data-dependent choice, saying why.
+
+    Returns:
+        The resolved `FitConfig`, as the run folder saves it.
+
+    Raises:
+        ConfigError: for an unknown `backbone`, and for settings the backbone, the
+            `init_from` model or this machine cannot honour.
+
+    Example:
+
+    >>> resolve_config(build_config(data_dir="data/digits", backbone="lenet5")).data.image_size
+    32
+    """
+    notes = [] if notes is None else notes
+    data, model, export = config.data, config.model, config.export
+    if model.backbone != "auto":
+        get_backbone(model.backbone)
+    if model.init_from is not None:
+        backbone, image_size = describe_keras_file(model.init_from)
+        if model.backbone not in ("auto", backbone):
+            raise ConfigError(
+                f"`backbone` must match the `init_from` model's ({backbone!r}). "
+                f"Received: backbone={model.backbone!r}"
+            )
+        if data.image_size not in ("auto", image_size):
+            raise ConfigError(
+                f"`image_size` must match the `init_from` model's ({image_size}). "
+                f"Received: image_size={data.image_size!r}"
+            )
+        model = dataclasses.replace(model, backbone=backbone, weights="none")
+        data = dataclasses.replace(data, image_size=image_size)
+    elif model.backbone == "auto":
+        model = dataclasses.replace(model, backbone=_auto_backbone(survey, notes))
+    spec = get_backbone(model.backbone)
+    if data.image_size == "auto":
+        data = dataclasses.replace(data, image_size=_auto_image_size(spec, survey, notes))
+    if data.image_size < spec.min_size:
+        raise ConfigError(
+            f"`image_size` must be >= {spec.min_size} for backbone {spec.name!r}. "
+            f"Received: image_size={data.image_size!r}"
+        )
+    if model.dropout == "auto":
+        model = dataclasses.replace(model, dropout=spec.default_dropout)
+    if model.weights == "auto":
+        model = dataclasses.replace(model, weights="imagenet" if spec.imagenet else "none")
+    if model.flip == "auto":
+        model = dataclasses.replace(
+            model, flip="none" if model.augment == "none" else "horizontal")
+    pretrained = model.pretrained
+    train = config.train
+    if train.unfreeze == "auto":
+        fine_tune = pretrained and train.fine_tune_epochs != 0
+        train = dataclasses.replace(train, unfreeze=1 if fine_tune else 0)
+    if train.cached_views == "auto":  # run configs written before the default was 1
+        train = dataclasses.replace(train, cached_views=1)
+    group_names = [name for name, _ in spec.unfreeze_groups]
+    if pretrained and train.unfreeze > len(group_names):
+        raise ConfigError(
+            f"`unfreeze` must be <= {len(group_names)} for backbone {spec.name!r} (groups "
+            f"{group_names}). Received: unfreeze={train.unfreeze!r}"
+        )
+    if not pretrained and train.unfreeze:
+        raise ConfigError(
+            "`unfreeze` needs pretrained weights: with weights='none' every layer trains "
+            f"from the start. Received: unfreeze={train.unfreeze!r}, weights='none'"
+        )
+    if train.stages is not None:
+        stages = parse_stages(train.stages, group_names)
+        if not pretrained and any(s.target != ALL for s in stages):
+            raise ConfigError(
+                "With weights='none' the backbone is random, so freezing it is "
+                "meaningless: use 'all:EPOCHS@LR' stages or pretrained `weights`. "
+                f"Received: stages={train.stages!r}"
+            )
+    train = _resolve_devices(train)
+    if export.name == "auto":
+        name = Path(data.data_dir).resolve().name or "model"
+        export = dataclasses.replace(export, name=name)
+    return dataclasses.replace(config, data=data, model=model, train=train, export=export)
+
+
+def _auto_backbone(survey, notes):
+    if survey is None or survey.image_side < MIN_PRETRAINED_SIDE:
+        if survey is not None:
+            notes.append(f"backbone: scratch (the images are {survey.image_side} px, below the "
+                         f"{MIN_PRETRAINED_SIDE} px a pretrained backbone needs)")
+        return "scratch"
+    notes.append(f"backbone: {PRETRAINED_BACKBONE} with ImageNet weights (the images are "
+                 f"{survey.image_side} px: transfer learning)")
+    return PRETRAINED_BACKBONE
+
+
+def _auto_image_size(spec, survey, notes):
+    if not spec.imagenet or survey is None:
+        return spec.default_size
+    side = min(spec.default_size, max(MIN_PRETRAINED_INPUT, -(-survey.image_side // 32) * 32))
+    if side != spec.default_size:
+        notes.append(f"image size: {side} px (the images are {survey.image_side} px; "
+                     f"{spec.name}'s default {spec.default_size} px would only upsample them)")
+    return side
+
+
+def _resolve_devices(train):
+    """Resolves `distribute` and `jit` for this machine, and checks that it can run
+    `mixed_precision` (see `tlkit.distribute`)."""
+    distribute = resolve_distribute(train.distribute)
+    precision_policy(train.mixed_precision)
+    return dataclasses.replace(train, distribute=distribute,
+                               jit=resolve_jit(train.jit, distribute))
 
 
 def _survey(config):

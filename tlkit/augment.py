@@ -11,7 +11,8 @@ cats, never digits or text).
 import keras
 from keras import layers
 
-from tlkit.config import AUGMENT_PRESETS, FLIP_MODES, _check_choice
+from tlkit.config import AUGMENT_PRESETS, FLIP_MODES
+from tlkit.validation import check_choice
 
 PRESETS = {
     "none": None,
@@ -50,8 +51,8 @@ def build_augmenter(preset="standard", flip="horizontal", seed=None):
     >>> [layer.name for layer in augmenter.layers]
     ['rotation', 'zoom', 'translation']
     """
-    _check_choice("augment", preset, AUGMENT_PRESETS)
-    _check_choice("flip", flip, FLIP_MODES)
+    check_choice("augment", preset, AUGMENT_PRESETS)
+    check_choice("flip", flip, FLIP_MODES)
     strength = PRESETS[preset] or {}
     stack = [] if flip == "none" else [layers.RandomFlip(flip, seed=seed, name="flip")]
     for offset, (name, make) in enumerate(_TRANSFORMS.items(), start=1):

@@ -22,7 +22,7 @@ import numpy as np
 
 from tlkit.errors import TlkitError
 from tlkit.files import write_atomically
-from tlkit.training import StageProgress, StageResult
+from tlkit.schedule import StageProgress, StageResult
 
 STATE_FILE = "state.npz"
 PREVIOUS_STATE_FILE = "state.previous.npz"

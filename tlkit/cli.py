@@ -8,16 +8,18 @@ without a traceback. TensorFlow is imported only inside commands, so `--help` is
 import csv
 import functools
 import json
+import re
 import sys
 
 import click
 
-from tlkit import TF_LOGS_ENV, __version__, import_tensorflow, show_tensorflow_logs
+from tlkit.runtime import TF_LOGS_ENV, __version__, import_tensorflow, show_tensorflow_logs
 
 
 def _user_errors(command):
     """Runs a command with TensorFlow imported quietly (`tlkit.import_tensorflow`) and turns
-    tlkit's errors into click errors: one line, exit code 1."""
+    tlkit's errors into click errors, in the command's flags (`_as_flags`): one line, exit
+    code 1."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -27,11 +29,33 @@ def _user_errors(command):
         try:
             return command(*args, **kwargs)
         except TlkitError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_as_flags(str(e), click.get_current_context().command)) \
+                from None
         except KeyboardInterrupt:
             raise click.ClickException("Interrupted.") from None
 
     return wrapper
+
+
+def _as_flags(message, command):
+    """A library message in the words of the command line: each Python argument `command`
+    has a flag for becomes that flag, `weights` -> `--weights` and `weights='none'` ->
+    `--weights none`; other names stay as they are."""
+    flags = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            flag = next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
+            for name in (param.name, *(o.lstrip("-").replace("-", "_") for o in param.opts)):
+                flags.setdefault(name, flag)
+    if not flags:
+        return message
+    def with_value(match):  # name='word' -> --flag word; name=3 -> --flag 3
+        quoted = match.group(2)
+        return f"{flags[match.group(1)]} {quoted[1:-1] if quoted else ''}"
+
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    message = re.sub(rf"`({names})`", lambda m: f"`{flags[m.group(1)]}`", message)
+    return re.sub(rf"(?<![\w.-])({names})=('[^'\s]+')?", with_value, message)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -495,9 +519,9 @@ def inspect_command(backbone, image_size, model_path):
     if (backbone is None) == (model_path is None):
         raise click.UsageError("Give either --backbone NAME or --model PATH.")
     if model_path:
-        from tlkit.models import _model_file, load_keras_model
+        from tlkit.models import keras_model_file, load_keras_model
 
-        rows = inspect_model(load_keras_model(_model_file(model_path)))
+        rows = inspect_model(load_keras_model(keras_model_file(model_path)))
         click.echo(format_table(rows, summarize(rows)))
         return
     from tlkit.backbones import get_backbone

@@ -3,23 +3,25 @@
 A run is described by one `FitConfig`, made of four frozen dataclasses, one per stage of the
 data flow. The CLI builds it from flags (or from a JSON file written by an earlier run); the
 library validates every field when the object is made, so a bad value fails before any work
-starts, with a message that names the setting and the value received. `"auto"` values are
-resolved in one place, `FitConfig.resolve`, and the resolved config is saved in the run
-folder, so `tlkit fit --config run/config.json` repeats the run; the settings that depend on
-the machine or the backbone (`REQUESTED`) are saved as asked too and read back as asked, so
-the re-run resolves them for its own machine.
+starts, with a message that names the setting and the value received. The settings are plain
+data: no file is read and no TensorFlow is loaded here. `"auto"` values are resolved in one
+place, `tlkit.api.resolve_config`, which also checks what needs the backbone registry or the
+machine, and the resolved config is saved in the run folder, so `tlkit fit --config
+run/config.json` repeats the run; the settings that depend on the machine or the
+backbone (`REQUESTED`) are saved as asked too and read back as asked, so the re-run resolves
+them for its own machine.
 """
 
 import dataclasses
 import difflib
 import json
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlkit.errors import ConfigError
+from tlkit.schedule import parse_stages
+from tlkit.validation import check_bool, check_choice, check_number
 
 AUGMENT_PRESETS = ("none", "light", "standard", "heavy")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
@@ -32,11 +34,6 @@ JIT_MODES = ("auto", "on", "off")
 # CPU, 3.8x slower) or the backbone: a saved config keeps them as asked, beside the resolved.
 REQUESTED = {"model": ("weights", "dropout"), "train": ("unfreeze", "distribute", "jit")}
 
-# Data-dependent defaults, chosen on benchmarks/transfer_real.py's validation photos.
-PRETRAINED_BACKBONE = "mobilenet"  # what backbone="auto" trains when the images are big enough
-MIN_PRETRAINED_SIDE = 24  # images smaller than this (median shorter side) train from scratch
-MIN_PRETRAINED_INPUT = 96  # smallest input side given to a pretrained backbone
-
 
 def _paths_to_str(config, *names):
     """Stores path-like fields as strings, so configs compare and serialise as JSON."""
@@ -44,27 +41,6 @@ def _paths_to_str(config, *names):
         value = getattr(config, name)
         if isinstance(value, os.PathLike):
             object.__setattr__(config, name, os.fspath(value))
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ConfigError(f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}")
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):  # 1 == True, but a config must say what it means
-        raise ConfigError(f"`{name}` must be True or False. Received: {name}={value!r}")
-
-
-def _check_number(name, value, low, high=math.inf, *, integer=False, low_open=False):
-    kind = numbers.Integral if integer else numbers.Real
-    bad_type = isinstance(value, bool) or not isinstance(value, kind)
-    if bad_type or value < low or value > high or (low_open and value == low):
-        span = f"{'>' if low_open else '>='} {low}"
-        if high != math.inf:
-            span += f" and <= {high}"
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"`{name}` must be {what} {span}. Received: {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -86,8 +62,8 @@ class DataConfig:
         _paths_to_str(self, "data_dir", "val_dir", "cache_dir")
         if not self.data_dir:
             raise ConfigError(f"`data_dir` must be a folder. Received: data_dir={self.data_dir!r}")
-        _check_number("val_split", self.val_split, 0.0, 0.9)
-        _check_number("test_split", self.test_split, 0.0, 0.9)
+        check_number("val_split", self.val_split, 0.0, 0.9)
+        check_number("test_split", self.test_split, 0.0, 0.9)
         if self.val_split + self.test_split >= 1.0:
             raise ConfigError(
                 "`val_split + test_split` must leave images to train on (< 1). Received: "
@@ -99,18 +75,18 @@ class DataConfig:
                 f"`val_dir`. Received: val_split={self.val_split!r}, val_dir=None"
             )
         if self.image_size != "auto":
-            _check_number("image_size", self.image_size, 8, 1024, integer=True)
-        _check_choice("resize", self.resize, RESIZE_POLICIES)
-        _check_number("batch_size", self.batch_size, 1, integer=True)
-        _check_choice("cache", self.cache, CACHE_MODES)
-        _check_number("workers", self.workers, 0, integer=True)
+            check_number("image_size", self.image_size, 8, 1024, integer=True)
+        check_choice("resize", self.resize, RESIZE_POLICIES)
+        check_number("batch_size", self.batch_size, 1, integer=True)
+        check_choice("cache", self.cache, CACHE_MODES)
+        check_number("workers", self.workers, 0, integer=True)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network is built: backbone, head and training-time augmentation."""
 
-    backbone: str = "auto"  # a name from `tlkit backbones`; "auto": by image size (resolve)
+    backbone: str = "auto"  # a name from `tlkit backbones`; "auto": by image size
     weights: str = "auto"  # "imagenet" | "none" | a weights file; "auto": imagenet if it has them
     init_from: str | None = None  # continue a tlkit run folder / model.keras (new classes ok)
     train_bn: bool = False  # let BatchNorm layers of unfrozen groups train (default: frozen)
@@ -125,11 +101,10 @@ class ModelConfig:
         return self.weights not in ("none", "auto") or self.init_from is not None
 
     def __post_init__(self):
-        from tlkit.backbones import get_backbone
-
         _paths_to_str(self, "weights", "init_from")
-        if self.backbone != "auto":
-            get_backbone(self.backbone)
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ConfigError("`backbone` must be 'auto' or a name from `list_backbones()`. "
+                              f"Received: backbone={self.backbone!r}")
         if self.init_from is not None and self.weights not in ("auto", "none"):
             raise ConfigError(
                 "`init_from` brings its own weights: leave `weights` unset. Received: "
@@ -138,11 +113,11 @@ class ModelConfig:
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError("`weights` must be 'auto', 'imagenet', 'none' or a file path. "
                               f"Received: weights={self.weights!r}")
-        _check_bool("train_bn", self.train_bn)
+        check_bool("train_bn", self.train_bn)
         if self.dropout != "auto":
-            _check_number("dropout", self.dropout, 0.0, 0.95)
-        _check_choice("augment", self.augment, AUGMENT_PRESETS)
-        _check_choice("flip", self.flip, ("auto", *FLIP_MODES))
+            check_number("dropout", self.dropout, 0.0, 0.95)
+        check_choice("augment", self.augment, AUGMENT_PRESETS)
+        check_choice("flip", self.flip, ("auto", *FLIP_MODES))
 
 
 @dataclass(frozen=True)
@@ -171,33 +146,31 @@ class TrainConfig:
     verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
 
     def __post_init__(self):
-        _check_number("epochs", self.epochs, 1, integer=True)
-        _check_number("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
-        _check_number("patience", self.patience, 1, integer=True)
+        check_number("epochs", self.epochs, 1, integer=True)
+        check_number("learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
+        check_number("patience", self.patience, 1, integer=True)
         if self.unfreeze != "auto":
-            _check_number("unfreeze", self.unfreeze, 0, 20, integer=True)
+            check_number("unfreeze", self.unfreeze, 0, 20, integer=True)
         if self.fine_tune_epochs is not None:
-            _check_number("fine_tune_epochs", self.fine_tune_epochs, 0, integer=True)
+            check_number("fine_tune_epochs", self.fine_tune_epochs, 0, integer=True)
             if self.fine_tune_epochs == 0 and self.unfreeze not in ("auto", 0):
                 raise ConfigError(
                     "`fine_tune_epochs=0` means no fine-tuning, so nothing can be unfrozen. "
                     f"Received: fine_tune_epochs=0, unfreeze={self.unfreeze!r}")
         if self.stages is not None:
-            from tlkit.training import parse_stages
-
             parse_stages(self.stages)
-        _check_choice("class_weight", self.class_weight, ("none", "auto"))
-        _check_bool("tensorboard", self.tensorboard)
-        _check_bool("feature_cache", self.feature_cache)
-        _check_bool("fine_tune_cache", self.fine_tune_cache)
-        _check_number("steps_per_execution", self.steps_per_execution, 1, integer=True)
-        _check_choice("distribute", self.distribute, DISTRIBUTE_MODES)
-        _check_bool("mixed_precision", self.mixed_precision)
-        _check_choice("jit", self.jit, JIT_MODES)
+        check_choice("class_weight", self.class_weight, ("none", "auto"))
+        check_bool("tensorboard", self.tensorboard)
+        check_bool("feature_cache", self.feature_cache)
+        check_bool("fine_tune_cache", self.fine_tune_cache)
+        check_number("steps_per_execution", self.steps_per_execution, 1, integer=True)
+        check_choice("distribute", self.distribute, DISTRIBUTE_MODES)
+        check_bool("mixed_precision", self.mixed_precision)
+        check_choice("jit", self.jit, JIT_MODES)
         if self.cached_views != "auto":
-            _check_number("cached_views", self.cached_views, 1, 64, integer=True)
-        _check_number("feature_cache_gb", self.feature_cache_gb, 0.0)
-        _check_choice("verbose", self.verbose, (0, 1, 2))
+            check_number("cached_views", self.cached_views, 1, 64, integer=True)
+        check_number("feature_cache_gb", self.feature_cache_gb, 0.0)
+        check_choice("verbose", self.verbose, (0, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -218,8 +191,8 @@ class ExportConfig:
                 f"Received: name={self.name!r}"
             )
         if self.version is not None:
-            _check_number("version", self.version, 1, integer=True)
-        _check_bool("overwrite", self.overwrite)
+            check_number("version", self.version, 1, integer=True)
+        check_bool("overwrite", self.overwrite)
 
 
 @dataclass(frozen=True)
@@ -233,91 +206,7 @@ class FitConfig:
     seed: int = 42  # one seed for the split, initial weights, shuffling and augmentation
 
     def __post_init__(self):
-        _check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
-
-    def resolve(self, survey=None, notes=None):
-        """Returns a copy with every `"auto"` value replaced by what it means for this run.
-
-        Args:
-            survey: what the data folder holds (`tlkit.data.survey_folder`), for the
-                settings that follow the data: `backbone="auto"` trains
-                `PRETRAINED_BACKBONE` when the images' median shorter side is at least
-                `MIN_PRETRAINED_SIDE` pixels and the scratch CNN below that (or without a
-                survey); a pretrained backbone's `image_size="auto"` is the images' side
-                rounded up to a multiple of 32, within `MIN_PRETRAINED_INPUT` and the
-                backbone's default size.
-            notes: a list that gets one sentence per data-dependent choice, saying why.
-        """
-        from tlkit.backbones import get_backbone
-
-        notes = [] if notes is None else notes
-        data, model, export = self.data, self.model, self.export
-        if model.init_from is not None:
-            from tlkit.models import describe_keras_file
-
-            backbone, image_size = describe_keras_file(model.init_from)
-            if model.backbone not in ("auto", backbone):
-                raise ConfigError(
-                    f"`backbone` must match the `init_from` model's ({backbone!r}). "
-                    f"Received: backbone={model.backbone!r}"
-                )
-            if data.image_size not in ("auto", image_size):
-                raise ConfigError(
-                    f"`image_size` must match the `init_from` model's ({image_size}). "
-                    f"Received: image_size={data.image_size!r}"
-                )
-            model = dataclasses.replace(model, backbone=backbone, weights="none")
-            data = dataclasses.replace(data, image_size=image_size)
-        elif model.backbone == "auto":
-            model = dataclasses.replace(model, backbone=_auto_backbone(survey, notes))
-        spec = get_backbone(model.backbone)
-        if data.image_size == "auto":
-            data = dataclasses.replace(data, image_size=_auto_image_size(spec, survey, notes))
-        if data.image_size < spec.min_size:
-            raise ConfigError(
-                f"`image_size` must be >= {spec.min_size} for backbone {spec.name!r}. "
-                f"Received: image_size={data.image_size!r}"
-            )
-        if model.dropout == "auto":
-            model = dataclasses.replace(model, dropout=spec.default_dropout)
-        if model.weights == "auto":
-            model = dataclasses.replace(model, weights="imagenet" if spec.imagenet else "none")
-        if model.flip == "auto":
-            model = dataclasses.replace(
-                model, flip="none" if model.augment == "none" else "horizontal")
-        pretrained = model.pretrained
-        train = self.train
-        if train.unfreeze == "auto":
-            fine_tune = pretrained and train.fine_tune_epochs != 0
-            train = dataclasses.replace(train, unfreeze=1 if fine_tune else 0)
-        if train.cached_views == "auto":  # run configs written before the default was 1
-            train = dataclasses.replace(train, cached_views=1)
-        group_names = [name for name, _ in spec.unfreeze_groups]
-        if pretrained and train.unfreeze > len(group_names):
-            raise ConfigError(
-                f"`unfreeze` must be <= {len(group_names)} for backbone {spec.name!r} (groups "
-                f"{group_names}). Received: unfreeze={train.unfreeze!r}"
-            )
-        if not pretrained and train.unfreeze:
-            raise ConfigError(
-                "`unfreeze` needs pretrained weights: with weights='none' every layer trains "
-                f"from the start. Received: unfreeze={train.unfreeze!r}, weights='none'"
-            )
-        if train.stages is not None:
-            from tlkit.training import ALL, parse_stages
-
-            stages = parse_stages(train.stages, group_names)
-            if not pretrained and any(s.target != ALL for s in stages):
-                raise ConfigError(
-                    "With weights='none' the backbone is random, so freezing it is "
-                    "meaningless: use 'all:EPOCHS@LR' stages or pretrained `weights`. "
-                    f"Received: stages={train.stages!r}"
-                )
-        train = _resolve_devices(train)
-        if export.name == "auto":
-            name = Path(data.data_dir).resolve().name or "model"
-            export = dataclasses.replace(export, name=name)
-        return dataclasses.replace(self, data=data, model=model, train=train, export=export)
+        check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
 
     def to_dict(self):
         """The config as plain JSON-ready data."""
@@ -370,38 +259,6 @@ class FitConfig:
                 if isinstance(values.get(section), dict):
                     values[section].update(asked)
         return cls.from_dict(values)
-
-
-def _auto_backbone(survey, notes):
-    if survey is None or survey.image_side < MIN_PRETRAINED_SIDE:
-        if survey is not None:
-            notes.append(f"backbone: scratch (the images are {survey.image_side} px, below the "
-                         f"{MIN_PRETRAINED_SIDE} px a pretrained backbone needs)")
-        return "scratch"
-    notes.append(f"backbone: {PRETRAINED_BACKBONE} with ImageNet weights (the images are "
-                 f"{survey.image_side} px: transfer learning)")
-    return PRETRAINED_BACKBONE
-
-
-def _auto_image_size(spec, survey, notes):
-    if not spec.imagenet or survey is None:
-        return spec.default_size
-    side = min(spec.default_size, max(MIN_PRETRAINED_INPUT, -(-survey.image_side // 32) * 32))
-    if side != spec.default_size:
-        notes.append(f"image size: {side} px (the images are {survey.image_side} px; "
-                     f"{spec.name}'s default {spec.default_size} px would only upsample them)")
-    return side
-
-
-def _resolve_devices(train):
-    """Resolves `distribute` and `jit` for this machine, and checks that it can run
-    `mixed_precision` (see `tlkit.distribute`)."""
-    from tlkit.distribute import precision_policy, resolve_distribute, resolve_jit
-
-    distribute = resolve_distribute(train.distribute)
-    precision_policy(train.mixed_precision)
-    return dataclasses.replace(train, distribute=distribute,
-                               jit=resolve_jit(train.jit, distribute))
 
 
 def _check_keys(where, values, allowed):

@@ -228,7 +228,7 @@ def decode_images(files, image_size, resize="squash", cache="auto", cache_dir=No
     import keras
 
     cache = ImageCache(len(files), image_size, cache, cache_dir)
-    resize_fn = image_ops._resize_fn(resize, image_size)
+    resize_fn = image_ops.resize_fn(resize, image_size)
     ok = np.zeros(len(files), bool)
     digests = [None] * len(files)
     skipped = []
@@ -544,7 +544,7 @@ def _memmap_dataset(split, batch_size, shuffle, seed):
 
 @dataclass(frozen=True)
 class DataSurvey:
-    """What the data-dependent `"auto"` settings are chosen from (`FitConfig.resolve`)."""
+    """What the data-dependent `"auto"` settings are chosen from (`tlkit.api.resolve_config`)."""
 
     images_per_class: int  # images of the smallest class, before any split
     image_side: int  # median shorter side, in pixels, of a sample of the images

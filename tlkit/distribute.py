@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,23 +87,6 @@ def worker_folder(run_dir, index):
     """Where worker `index` keeps its own files of a run: the run folder for the chief,
     `<run folder>/worker-<index>` for the others."""
     return Path(run_dir) if index == 0 else Path(run_dir) / f"worker-{index}"
-
-
-def loopback_cluster(workers):
-    """`TF_CONFIG` values for `workers` processes of one cluster on this machine, on free
-    127.0.0.1 ports (worker 0 is the chief): multi-worker training tried on one host.
-
-    Returns:
-        A list of JSON strings, the one for worker `i` at index `i`.
-    """
-    sockets = [socket.socket() for _ in range(workers)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    hosts = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    for s in sockets:
-        s.close()
-    return [json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}})
-            for i in range(workers)]
 
 
 def gpu_count():
@@ -428,5 +410,4 @@ def failures(cluster, run_dir):
     """A context manager for the training loop: a dead or silent worker becomes a
     `ClusterError` that says how to resume from the last saved epoch."""
     return _failures(cluster, "training", "Every completed epoch is saved; restart every "
-                     f"worker with: tlkit fit --resume {run_dir}", cluster.timeout,
-                     TIMEOUT_ENV)
+                     f"worker with `resume={str(run_dir)!r}`.", cluster.timeout, TIMEOUT_ENV)

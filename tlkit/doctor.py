@@ -27,9 +27,10 @@ import numpy as np
 from PIL import Image
 
 from tlkit import images as image_ops
-from tlkit.config import DataConfig, _check_choice, _check_number
+from tlkit.config import DataConfig
 from tlkit.data import SPLITS, scan_folder, split_usable
 from tlkit.errors import ConfigError, ImageError
+from tlkit.validation import check_choice, check_number
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -232,11 +233,11 @@ def diagnose(data_dir, val_split=0.2, test_split=0.0, seed=42, workers=0,
     """
     config = DataConfig(data_dir, val_split=val_split, test_split=test_split,
                         workers=workers)  # the split settings, validated as fit does
-    _check_number("seed", seed, 0, 2**31 - 1, integer=True)
-    _check_number("max_pixels", max_pixels, 1, integer=True)
-    _check_number("min_size", min_size, 0, integer=True)
-    _check_choice("near_duplicates", near_duplicates, (True, False))
-    _check_choice("verbose", verbose, (0, 1, 2))
+    check_number("seed", seed, 0, 2**31 - 1, integer=True)
+    check_number("max_pixels", max_pixels, 1, integer=True)
+    check_number("min_size", min_size, 0, integer=True)
+    check_choice("near_duplicates", near_duplicates, (True, False))
+    check_choice("verbose", verbose, (0, 1, 2))
 
     scan = scan_folder(config.data_dir)
     checks = _check_files(scan.files, max_pixels, min_size, near_duplicates, config.workers,
@@ -462,7 +463,7 @@ def _frame_count(image):
 def _mode_note(image, path):
     """How `decode_file` converts this image's mode to 8-bit RGB, or None if it need not."""
     mode = image.mode
-    if mode in image_ops._HIGH_BIT_MODES or image_ops._is_16_bit_color_png(image, path):
+    if mode in image_ops.HIGH_BIT_MODES or image_ops.is_16_bit_color_png(image, path):
         return f"{mode} with 16-bit (or wider) samples: scaled to 8 bits (value / 257)"
     if mode == "P":
         dropped = "; transparency dropped" if "transparency" in image.info else ""
@@ -478,7 +479,7 @@ def _orientation(image):
     """The EXIF orientation from the header, without decoding the pixels."""
     if image.format == "PNG" and "exif" not in image.info:
         return 1  # Pillow would decode the whole PNG to look for an eXIf chunk after it
-    return image.getexif().get(image_ops._ORIENTATION_TAG, 1)
+    return image.getexif().get(image_ops.ORIENTATION_TAG, 1)
 
 
 def _phash(pixels):

@@ -21,12 +21,12 @@ import keras
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlkit.config import _check_number
 from tlkit.data import scan_folder
 from tlkit.errors import ConfigError, DataError
 from tlkit.images import load_image
+from tlkit.models import predict_probabilities
 from tlkit.predict import Classifier, load
-from tlkit.training import predict_probabilities
+from tlkit.validation import check_number
 
 CALIBRATION_BINS = 15
 """Equal-width confidence bins of the expected calibration error and reliability diagram."""
@@ -152,7 +152,7 @@ def _top_ks(top_k, num_classes):
     """The sorted distinct k <= num_classes of an int or a sequence of ints (all >= 1)."""
     ks = list(top_k) if hasattr(top_k, "__iter__") and not isinstance(top_k, str) else [top_k]
     for k in ks:
-        _check_number("top_k", k, 1, integer=True)
+        check_number("top_k", k, 1, integer=True)
     return sorted({int(k) for k in ks if k <= num_classes})
 
 
@@ -403,8 +403,8 @@ def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
 
 def _check_evaluation_options(top_k, batch_size, worst):
     _top_ks(top_k, math.inf)
-    _check_number("batch_size", batch_size, 1, integer=True)
-    _check_number("worst", worst, 1, integer=True)
+    check_number("batch_size", batch_size, 1, integer=True)
+    check_number("worst", worst, 1, integer=True)
 
 
 def _input_size(model):

@@ -35,10 +35,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit import __version__
 from tlkit.errors import ConfigError, ExportError
-from tlkit.explain import make_gradcam
+from tlkit.gradcam import make_gradcam
 from tlkit.images import DEFAULT_MAX_PIXELS, decode_bytes, resize_image
+from tlkit.runtime import __version__
 
 METADATA_FILE = "tlkit.json"
 LABELS_FILE = "labels.txt"
@@ -95,7 +95,7 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"Cannot create export folder {str(parent)!r}: {e.strerror}. "
-                          "Choose another `--export-dir`.") from None
+                          "Choose another `export_dir`.") from None
     version = next_version(parent) if version is None else int(version)
     target = parent / str(version)
     if not overwrite:
@@ -329,8 +329,8 @@ def find_latest_export(export_dir="saved_models"):
                   if meta.parent.parent.name.isdigit()]
     if not candidates:
         raise ExportError(
-            f"No tlkit export found under {str(export_dir)!r}. Train one with `tlkit fit "
-            "DATA_DIR` or pass `--model PATH`."
+            f"No tlkit export found under {str(export_dir)!r}. Train one with `tlkit.fit` "
+            "or pass `model`, the path of an export."
         )
     return max(candidates, key=lambda p: (p / "saved_model.pb").stat().st_mtime)
 

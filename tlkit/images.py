@@ -25,8 +25,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from tlkit.config import RESIZE_POLICIES, _check_choice
+from tlkit.config import RESIZE_POLICIES
 from tlkit.errors import ImageError
+from tlkit.validation import check_choice
 
 
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -36,14 +37,15 @@ SERVING_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", 
                    b"RIFF")
 """How the formats the serving graph decodes begin (JPEG, PNG, GIF, BMP, WebP)."""
 
-_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""Pillow modes with samples wider than 8 bits: `decode_file` scales them to 8 (value / 257)."""
 
 
 def check_resize_policy(resize):
     """Raises `ConfigError` (a `ValueError`) unless `resize` is one of `RESIZE_POLICIES`:
     `squash` stretches to a square; `crop` scales the short side and cuts the centre
     square; `pad` scales the long side and pads the rest with black."""
-    _check_choice("resize", resize, RESIZE_POLICIES)
+    check_choice("resize", resize, RESIZE_POLICIES)
 
 
 def decode_file(path, max_pixels=DEFAULT_MAX_PIXELS, image_size=None):
@@ -85,7 +87,7 @@ def decode_file(path, max_pixels=DEFAULT_MAX_PIXELS, image_size=None):
                 image.draft(image.mode, (int(image_size), int(image_size)))
             image.load()
             pixels = _to_rgb_array(image, path)
-            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+            orientation = image.getexif().get(ORIENTATION_TAG, 1)
         return orient(pixels, orientation)
     except ImageError:
         raise
@@ -115,7 +117,8 @@ def jpeg_scale(height, width, image_size):
     return next(s for s in JPEG_SCALES if s <= max(room, 1))
 
 
-_ORIENTATION_TAG = 0x0112
+ORIENTATION_TAG = 0x0112
+"""The EXIF tag of the orientation (1..8) that `decode_file` and `decode_bytes` apply."""
 
 _ORIENTATIONS = {
     2: lambda a: a[:, ::-1],
@@ -134,7 +137,9 @@ def orient(pixels, orientation):
     return pixels if transform is None else np.ascontiguousarray(transform(pixels))
 
 
-def _is_16_bit_color_png(image, path):
+def is_16_bit_color_png(image, path):
+    """Whether a Pillow `image` read from `path` is a PNG with 16-bit colour samples (Pillow
+    keeps only their high byte; `decode_file` reads them whole and scales them to 8 bits)."""
     if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
         return False
     with open(path, "rb") as f:
@@ -143,7 +148,7 @@ def _is_16_bit_color_png(image, path):
 
 
 def _to_rgb_array(image, path):
-    if _is_16_bit_color_png(image, path):
+    if is_16_bit_color_png(image, path):
         # Pillow keeps only the high byte of 16-bit colour samples; TensorFlow's PNG decoder
         # reads them whole, so both paths scale by 1/257 the same way.
         with open(path, "rb") as f:
@@ -153,7 +158,7 @@ def _to_rgb_array(image, path):
         pixels = np.array(image.convert("RGB"))
         pixels[np.asarray(image) == image.info["transparency"]] = 0
         return pixels
-    if image.mode in _HIGH_BIT_MODES:
+    if image.mode in HIGH_BIT_MODES:
         samples = np.asarray(image, dtype=np.float64)
         gray = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
@@ -233,14 +238,23 @@ def load_image(path, image_size, resize="squash", max_pixels=DEFAULT_MAX_PIXELS)
         ImageError: if the file cannot be decoded.
     """
     pixels = decode_file(path, max_pixels, image_size)
-    return _resize_fn(resize, image_size)(pixels).numpy()
+    return resize_fn(resize, image_size)(pixels).numpy()
 
 
 _RESIZE_FN_CACHE = {}
 
 
-def _resize_fn(resize, image_size):
-    """A traced `resize_image` per (policy, size): one graph for any input shape."""
+def resize_fn(resize, image_size):
+    """The traced `resize_image` of one policy and size: one graph for any input shape,
+    made once per `(resize, image_size)` and kept.
+
+    Args:
+        resize: one of `RESIZE_POLICIES`.
+        image_size: side of the square output, in pixels.
+
+    Returns:
+        A `tf.function` from a uint8 `(h, w, 3)` tensor to `(image_size, image_size, 3)`.
+    """
     key = (resize, int(image_size))
     if key not in _RESIZE_FN_CACHE:
         check_resize_policy(resize)
@@ -422,7 +436,7 @@ def _exif_orientation(data, is_png):
         low, high = (0, 1) if little else (1, 0)
         tags = entries[:, low] + 256 * entries[:, high]
         values = entries[:, 8 + low] + 256 * entries[:, 8 + high]
-        match = tf.boolean_mask(values, tf.equal(tags, _ORIENTATION_TAG))
+        match = tf.boolean_mask(values, tf.equal(tags, ORIENTATION_TAG))
         return tf.cond(tf.size(match) > 0, lambda: match[0], lambda: tf.constant(1, tf.int64))
 
     def orientation():

@@ -17,7 +17,7 @@ is the input size (or the rf already reached, if larger). Other layers (activati
 BatchNorm, padding, a Dense applied per pixel) keep rf and jump.
 
 Branching networks (ResNet's shortcuts, Inception-style concatenations) are followed through
-each layer's inbound node in the model's graph: at a merge, the main path is the input with
+the graph the model's config describes: at a merge, the main path is the input with
 the largest spatial size (so a squeeze-and-excitation gate of 1x1 is not it) and, among
 those, the largest rf, whose jump is kept. The rf of a layer after a merge is therefore the
 rf along its longest path, the usual lecture figure, not the exact union of all paths.
@@ -41,9 +41,9 @@ import numpy as np
 from keras import layers
 
 from tlkit.backbones import get_backbone
-from tlkit.config import _check_number
 from tlkit.errors import ConfigError
 from tlkit.models import build_backbone
+from tlkit.validation import check_number
 
 WINDOW_LAYERS = (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D,
                  layers.MaxPooling2D, layers.AveragePooling2D)
@@ -127,7 +127,7 @@ def inspect_model(model):
     if not isinstance(model, keras.Model):
         raise ConfigError(f"`model` must be a keras.Model. Received: model={model!r}")
     inputs = _graph_inputs(model)
-    fields = {id(t): _Field((1, 1), (1, 1)) if len(t.shape) == 4 else None for t in inputs}
+    fields = [_Field((1, 1), (1, 1)) if len(t.shape) == 4 else None for t in inputs]
     image = next((tuple(t.shape[1:3]) for t in inputs if len(t.shape) == 4), (None, None))
     rows = []
     _walk(model, "", fields, image, rows)
@@ -145,44 +145,83 @@ def _graph_inputs(model):
 
 
 def _walk(model, prefix, fields, image, rows):
-    """Appends the rows of `model`'s layers; `fields` maps tensor ids to `_Field`s.
+    """Appends the rows of `model`'s layers, given the `_Field` of each of its inputs, and
+    returns the `_Field` of each of its outputs.
 
-    Operations that are not layers (`x + y` on symbolic tensors) are followed but get no
-    row; a Sequential model has only layers."""
-    for layer in getattr(model, "operations", model.layers):
-        if isinstance(layer, layers.InputLayer):
-            continue
-        node = _node_in_graph(layer, fields)
+    A functional model's graph is read from its config, Keras's public description of it:
+    every call of a layer names the (layer, call, output) each of its inputs comes from, with
+    its shape. Operations that are not layers (`x + y` on symbolic tensors) are followed but
+    get no row."""
+    if isinstance(model, keras.Sequential):
+        return _walk_sequential(model, prefix, fields, image, rows)
+    config = model.get_config()
+    operations = {operation.name: operation for operation in model.operations}
+    outputs = _history_keys(config["output_layers"])
+    known = dict(zip(_history_keys(config["input_layers"]), fields))
+    shapes = {key: shape for entry in config["layers"] for node in entry["inbound_nodes"]
+              for key, shape in _node_inputs(node)}
+    shapes.update(zip(outputs, (tuple(t.shape[1:]) for t in model.outputs)))
+    for entry in config["layers"]:
+        layer = operations[entry["name"]]
+        for call, node in enumerate(entry["inbound_nodes"]):
+            inputs = [(known[key], shape) for key, shape in _node_inputs(node)]
+            keys = sorted(k for k in shapes if k[:2] == (layer.name, call))
+            if isinstance(layer, keras.Model):
+                inner = _walk(layer, f"{prefix}{layer.name}/", [f for f, _ in inputs], image,
+                              rows if call == 0 else [])
+                known.update(zip(keys, inner))
+                continue
+            shape = shapes[keys[0]]
+            field = _propagate(layer, inputs, shape, image)
+            known.update((key, field) for key in keys)
+            if isinstance(layer, layers.Layer) and call == 0:
+                rows.append(_row(layer, prefix, shape, field))
+    return [known[key] for key in outputs]
+
+
+def _walk_sequential(model, prefix, fields, image, rows):
+    """`_walk` for a Sequential model: each layer takes the output of the one before."""
+    field, shape = fields[0], tuple(model.inputs[0].shape[1:])
+    for layer in model.layers:
         if isinstance(layer, keras.Model):
-            for inner, outer in zip(_graph_inputs(layer), node.input_tensors):
-                fields[id(inner)] = fields[id(outer)]
-            _walk(layer, f"{prefix}{layer.name}/", fields, image, rows)
-            for inner, outer in zip(layer.outputs, node.output_tensors):
-                fields[id(outer)] = fields[id(inner)]
+            field = _walk(layer, f"{prefix}{layer.name}/", [field], image, rows)[0]
+            shape = tuple(layer.outputs[0].shape[1:])
             continue
-        shape = tuple(node.output_tensors[0].shape[1:])
-        field = _propagate(layer, node.input_tensors, fields, shape, image)
-        for tensor in node.output_tensors:
-            fields[id(tensor)] = field
-        if isinstance(layer, layers.Layer):
-            rows.append(_row(layer, prefix, shape, field))
+        output = tuple(layer.output.shape[1:])
+        field = _propagate(layer, [(field, shape)], output, image)
+        rows.append(_row(layer, prefix, output, field))
+        shape = output
+    return [field]
 
 
-def _node_in_graph(layer, fields):
-    """The call of `layer` (a layer or operation) whose inputs are tensors of the graph
-    being walked."""
-    node = next((n for n in layer._inbound_nodes
-                 if n.input_tensors and all(id(t) in fields for t in n.input_tensors)), None)
-    if node is None:
-        raise ConfigError(f"Cannot follow the graph to layer {layer.name!r}: inspect_model "
-                          "needs a functional or Sequential model.")
-    return node
+def _history_keys(value):
+    """`(layer, call, output)` keys from a config's `input_layers` or `output_layers`."""
+    return [tuple(value)] if value and isinstance(value[0], str) else [tuple(v) for v in value]
 
 
-def _propagate(layer, inputs, fields, shape, image):
-    """The receptive field and jump of `layer`'s output, from its main input."""
-    candidates = [(fields[id(t)], tuple(t.shape[1:])) for t in inputs
-                  if fields[id(t)] is not None]
+def _node_inputs(node):
+    """`((layer, call, output), shape)` of each tensor a serialized layer call takes."""
+    found = []
+
+    def visit(value):
+        if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+            found.append((tuple(value["config"]["keras_history"]),
+                          tuple(value["config"]["shape"][1:])))
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit([node["args"], node["kwargs"]])
+    return found
+
+
+def _propagate(layer, inputs, shape, image):
+    """The receptive field and jump of `layer`'s output, from its main input; `inputs` are
+    the `(field, shape)` of each input."""
+    candidates = [(field, in_shape) for field, in_shape in inputs if field is not None]
     if not candidates:
         return None
     largest = max(_area(s) for _, s in candidates)
@@ -285,7 +324,7 @@ def inspect_backbone(name, image_size):
     >>> print(format_table(rows, totals))
     """
     spec = get_backbone(name)
-    _check_number("image_size", image_size, spec.min_size, integer=True)
+    check_number("image_size", image_size, spec.min_size, integer=True)
     rows = inspect_model(build_backbone(spec.name, image_size, "none"))
     return rows, summarize(rows)
 
@@ -365,7 +404,8 @@ def stage_table(name, image_size, num_classes=2, weights="imagenet"):
     """
     from tlkit.backbones import unfreeze_groups
     from tlkit.models import build_classifier
-    from tlkit.training import ALL, HEAD, set_trainable
+    from tlkit.schedule import ALL, HEAD
+    from tlkit.training import set_trainable
 
     model = build_classifier(name, num_classes, image_size, weights="none")
     groups = unfreeze_groups(get_backbone(name), model.get_layer("backbone"))

@@ -10,17 +10,20 @@ pooling and is only added when the backbone returns a feature map.
 import json
 import os
 import re
+import weakref
 import zipfile
 from pathlib import Path
 
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import layers
 
 from tlkit.backbones import get_backbone
-from tlkit.config import _check_number
 from tlkit.errors import ConfigError, WeightsError
 from tlkit.layers import Preprocess
+from tlkit.validation import check_number
 
 INPUT_NAME = "images"
 
@@ -76,19 +79,19 @@ def _download_error(spec, error):
         f"Could not download the ImageNet weights of backbone {spec.name!r} ({message}).\n"
         f"Keras wanted: {url}\n"
         f"Fix: download that file on a connected machine and put it at {target} (Keras's "
-        "cache; it is used from there without a download), or pass `--weights PATH` with a "
-        "weights file, or `--weights none` to start from random weights (every layer is "
-        "then trained), or `--backbone scratch` for tlkit's from-scratch CNN."
+        "cache; it is used from there without a download), or set `weights` to the path of "
+        "a weights file, or `weights='none'` to start from random weights (every layer is "
+        "then trained), or `backbone='scratch'` for tlkit's from-scratch CNN."
     )
 
 
 def _keras_home():
-    try:
-        from keras.src.backend.config import keras_home
-
-        return keras_home()
-    except ImportError:
-        return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    """Where Keras keeps its downloads, decided as Keras does: `$KERAS_HOME`, else `~/.keras`
+    (`/tmp/.keras` when the home folder is read-only)."""
+    if "KERAS_HOME" in os.environ:
+        return os.environ["KERAS_HOME"]
+    base = os.path.expanduser("~")
+    return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
 
 
 def _load_weights_file(model, spec, path):
@@ -130,15 +133,15 @@ def build_classifier(backbone, num_classes, image_size, dropout=None, weights="n
     62006
     """
     spec = get_backbone(backbone)
-    _check_number("num_classes", num_classes, 2, integer=True)
-    _check_number("image_size", image_size, 1, integer=True)
+    check_number("num_classes", num_classes, 2, integer=True)
+    check_number("image_size", image_size, 1, integer=True)
     if image_size < spec.min_size:
         raise ConfigError(
             f"`image_size` must be >= {spec.min_size} for backbone {spec.name!r}. "
             f"Received: image_size={image_size!r}"
         )
     dropout = spec.default_dropout if dropout is None else dropout
-    _check_number("dropout", dropout, 0.0, 0.95)
+    check_number("dropout", dropout, 0.0, 0.95)
     if backbone_model is None:
         backbone_model = build_backbone(spec.name, image_size, weights)
 
@@ -205,7 +208,8 @@ def load_keras_model(path):
     return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
-def _model_file(path):
+def keras_model_file(path):
+    """The `.keras` file a path names: `path` itself, or the `model.keras` in a run folder."""
     path = Path(path)
     return path / "model.keras" if path.is_dir() else path
 
@@ -220,7 +224,7 @@ def describe_keras_file(path):
     Raises:
         ConfigError: if the file is not a tlkit `.keras` model.
     """
-    model_file = _model_file(path)
+    model_file = keras_model_file(path)
     try:
         with zipfile.ZipFile(model_file) as archive:
             config = json.loads(archive.read("config.json"))["config"]
@@ -248,7 +252,7 @@ def load_for_continuation(path):
     Raises:
         ConfigError: if the path holds no tlkit model or no class list.
     """
-    model_file = _model_file(path)
+    model_file = keras_model_file(path)
     labels_file = model_file.parent / "labels.txt"
     if model_file.suffix != ".keras" or not model_file.is_file() or not labels_file.is_file():
         raise ConfigError(
@@ -299,3 +303,35 @@ def extend_classifier(model, old_classes, new_classes, dropout=None):
         new_bias[new_classes.index(name)] = bias[old_index]
     new_model.get_layer("predictions").set_weights([new_kernel, new_bias])
     return new_model
+
+
+def predict_probabilities(model, images, batch_size=256):
+    """Class probabilities for a uint8 or float array of images, in batches."""
+    if not len(images):
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    step = traced_function(model, "predict", lambda m, x: m(x, training=False))
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+    return np.concatenate([step(tf.cast(b, tf.float32)).numpy() for b in dataset])
+
+
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def traced_function(model, kind, fn):
+    """One `tf.function` of `fn(model, *args)` per model and `kind`, traced once and kept as
+    long as the model lives (the cache holds the model weakly).
+
+    Args:
+        model: the `keras.Model` passed to `fn` as its first argument.
+        kind: a name for what `fn` does ("predict", "eval"): one function per kind.
+        fn: called as `fn(model, *args)` inside the graph.
+
+    Returns:
+        A `tf.function` taking `*args`.
+    """
+    functions = _COMPILED.setdefault(model, {})
+    if kind not in functions:
+        reference = weakref.ref(model)  # a strong one here would keep the model alive forever
+        functions[kind] = tf.function(lambda *args: fn(reference(), *args),
+                                      reduce_retracing=True)
+    return functions[kind]

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tlkit.config import _check_number
 from tlkit.data import image_extensions
 from tlkit.errors import DataError, ExportError, ImageError
 from tlkit.export import read_metadata, resolve_export
 from tlkit.images import SERVING_FORMATS, load_image
+from tlkit.validation import check_number
 
 
 @dataclass
@@ -108,8 +108,8 @@ class Classifier:
         Raises:
             DataError: if a folder holds no image files.
         """
-        _check_number("top_k", top_k, 1, integer=True)
-        _check_number("batch_size", batch_size, 1, integer=True)
+        check_number("top_k", top_k, 1, integer=True)
+        check_number("batch_size", batch_size, 1, integer=True)
         top_k = min(top_k, len(self.class_names))
         files = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
         results = [Prediction(str(f)) for f in files]

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tlkit import __version__
-from tlkit.config import _check_choice
 from tlkit.data import decode_images
 from tlkit.errors import ConfigError, DataError, ExportError
 from tlkit.export import (CALIBRATION_FILE, CALIBRATION_IMAGES, LABELS_FILE,
                           read_calibration_images, read_metadata, resolve_export)
 from tlkit.files import write_atomically
 from tlkit.predict import expand_inputs
+from tlkit.runtime import __version__
+from tlkit.validation import check_choice
 
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 SIGNATURE = "predict_images"
@@ -84,7 +84,7 @@ def export_tflite(model_path=None, *, quantize="none", output_dir=None, calibrat
     >>> path.name
     'model-int8.tflite'
     """
-    _check_choice("quantize", quantize, QUANTIZE_MODES)
+    check_choice("quantize", quantize, QUANTIZE_MODES)
     if calibration_data is not None:
         if quantize != "int8":
             raise ConfigError("`calibration_data` is only used with quantize='int8'. "
@@ -105,7 +105,7 @@ def export_tflite(model_path=None, *, quantize="none", output_dir=None, calibrat
     target = folder / f"model-{quantize}.tflite"
     if target.exists() and not overwrite:
         raise ExportError(f"{str(target)!r} already exists and is not overwritten. Pass "
-                          "`overwrite` (`--overwrite`) or another `output_dir`.")
+                          "`overwrite=True` or another `output_dir`.")
     calibration, calibration_source = None, None
     if quantize == "int8":
         calibration, calibration_source = _calibration(source, metadata, calibration_data)
@@ -171,8 +171,8 @@ def _calibration(source, metadata, calibration_data):
     if images is None:
         raise ExportError(
             f"Export {str(source)!r} has no calibration sample ({CALIBRATION_FILE}; exports "
-            "written by `tlkit fit` carry one), which int8 quantisation needs. Pass a folder "
-            "of images like the training data: `calibration_data` (`--calibration-data DIR`).")
+            "written by `tlkit.fit` carry one), which int8 quantisation needs. Pass a folder "
+            "of images like the training data as `calibration_data`.")
     return images, CALIBRATION_FILE
 
 

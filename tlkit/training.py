@@ -8,66 +8,20 @@ on one device or many (`tlkit.distribute`). Progress uses Keras's `Progbar`.
 """
 
 import math
-import os
-import re
 import time
 import warnings
-import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
-
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit.config import _check_number
+from tlkit.checkpoint import RunState, save_state
 from tlkit.errors import ConfigError
+from tlkit.models import traced_function
+from tlkit.schedule import ALL, HEAD, StageProgress, StageResult
+from tlkit.validation import check_number
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-
-
-@dataclass
-class StageProgress:
-    """How far a stage has got: what a checkpoint stores to resume it."""
-
-    epoch: int = 0  # last completed epoch of the stage
-    history: list = field(default_factory=list)  # its per-epoch logs so far
-    best: float = math.inf  # lowest val_loss so far
-    best_epoch: int = 0  # the epoch that reached it
-    waited: int = 0  # epochs since then (early-stopping counter)
-    best_weights: list | None = None  # model weights of the best epoch
-    optimizer_state: list | None = None  # optimizer variables to restore on resume
-    optimizer: object = field(default=None, repr=False)  # the live optimizer (not saved)
-
-    def to_dict(self):
-        """The JSON part (weights and optimizer state are stored as arrays beside it)."""
-        return {"epoch": self.epoch, "history": self.history, "best": self.best,
-                "best_epoch": self.best_epoch, "waited": self.waited}
-
-
-def _test_pause(stage, epoch, batch):
-    """Test hook: with TLKIT_TEST_PAUSE_AT="stage:epoch:batch", writes the file named by
-    TLKIT_TEST_PAUSE_FILE and sleeps at that batch, so a test can kill the process there."""
-    target = os.environ.get("TLKIT_TEST_PAUSE_AT")
-    if target and target == f"{stage}:{epoch}:{batch}":
-        Path(os.environ["TLKIT_TEST_PAUSE_FILE"]).write_text("paused")
-        time.sleep(3600)
-
-
-@dataclass
-class StageResult:
-    """What one training stage did."""
-
-    name: str  # stage name
-    history: list  # one dict per epoch: stage, epoch, loss, accuracy, val_*, lr, seconds
-    best_epoch: int  # 1-based epoch whose weights were kept
-    best: dict = field(default_factory=dict)  # metrics of the best epoch
-    stopped_early: bool = False  # ended by patience before `epochs`
-    rolled_back: bool = False  # its best was worse than the previous stage's: undone
-    diverged: bool = False  # every val_loss was NaN: rolled back, nothing kept
-    learning_rate: float = 0.0  # the stage's learning rate
-    trainable_weights: int = 0  # number of trainable weight tensors during the stage
 
 
 class Trainer:
@@ -98,7 +52,7 @@ class Trainer:
 
     def __init__(self, model, verbose=1, jit_compile=False, steps_per_execution=1,
                  strategy=None):
-        _check_number("steps_per_execution", steps_per_execution, 1, integer=True)
+        check_number("steps_per_execution", steps_per_execution, 1, integer=True)
         self.strategy = strategy or tf.distribute.get_strategy()
         if model.weights and not self.strategy.extended.variable_created_in_scope(
                 model.weights[0].value):
@@ -113,7 +67,8 @@ class Trainer:
         self.steps_per_execution = steps_per_execution
 
     def train_stage(self, train_ds, val_ds, *, epochs, learning_rate, patience=5,
-                    name="train", sample_weights=None, resume=None, on_epoch_end=None):
+                    name="train", sample_weights=None, resume=None, on_epoch_end=None,
+                    on_batch_end=None):
         """Trains until `epochs` or until `val_loss` has not improved for `patience` epochs.
 
         The weights of the epoch with the lowest `val_loss` are restored at the end.
@@ -130,12 +85,15 @@ class Trainer:
                 continues after it, with its optimizer state and best weights.
             on_epoch_end: called as `on_epoch_end(progress)` after every epoch with the
                 stage's `StageProgress` (for checkpoints).
+            on_batch_end: called as `on_batch_end(name, epoch, batch)` after every training
+                batch (1-based numbers); with `steps_per_execution` > 1 the batches of one
+                call into the graph are reported after that call.
 
         Returns:
             A `StageResult`.
         """
-        _check_number("epochs", epochs, 1, integer=True)
-        _check_number("patience", patience, 1, integer=True)
+        check_number("epochs", epochs, 1, integer=True)
+        check_number("patience", patience, 1, integer=True)
         variables = self.model.trainable_variables
         with self.strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate)
@@ -158,7 +116,7 @@ class Trainer:
             if self.verbose == 1:
                 print(f"[{name}] Epoch {epoch}/{epochs}")
             started = time.perf_counter()
-            train = self._run_epoch(train_ds, train_step, steps, (name, epoch))
+            train = self._run_epoch(train_ds, train_step, steps, (name, epoch), on_batch_end)
             average_statistics()
             val = self._run_epoch(val_ds, eval_step)
             logs = {"stage": name, "epoch": epoch, **train,
@@ -268,9 +226,9 @@ class Trainer:
             tf.data.experimental.AutoShardPolicy.DATA)
         return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
 
-    def _run_epoch(self, dataset, step, steps=None, where=None):
+    def _run_epoch(self, dataset, step, steps=None, where=None, on_batch_end=None):
         """Runs `step` over `dataset`; a training epoch (`where` = (stage, epoch)) shows
-        progress and passes the test pause hook."""
+        progress and calls `on_batch_end`."""
         progbar = (keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
                    if self.verbose == 1 and where else None)
         totals, index = np.zeros(3), 0
@@ -279,9 +237,9 @@ class Trainer:
             sums, count = step(iterator)
             if not int(count):
                 break
-            if where:
+            if where and on_batch_end is not None:
                 for batch in range(index + 1, index + int(count) + 1):
-                    _test_pause(*where, batch)
+                    on_batch_end(*where, batch)
             totals += sums.numpy()
             index += int(count)
             self._progress(progbar, index, totals)
@@ -332,7 +290,7 @@ def evaluate(model, dataset):
         A dict with `"loss"` and `"accuracy"`.
     """
     totals = np.zeros(3)
-    step = _compiled(model, "eval", _eval_step)
+    step = traced_function(model, "eval", _eval_step)
     for images, labels in dataset:
         totals += [float(v) for v in step(images, labels)]
     if not totals[2]:
@@ -369,122 +327,7 @@ def probability_metrics(labels, probabilities, batch_size):
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
 
 
-def predict_probabilities(model, images, batch_size=256):
-    """Class probabilities for a uint8 or float array of images, in batches."""
-    if not len(images):
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    step = _compiled(model, "predict", lambda m, x: m(x, training=False))
-    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    return np.concatenate([step(tf.cast(b, tf.float32)).numpy() for b in dataset])
-
-
-_COMPILED = weakref.WeakKeyDictionary()
-
-
-def _compiled(model, kind, fn):
-    """One traced `fn(model, ...)` per model and kind, kept as long as the model lives."""
-    functions = _COMPILED.setdefault(model, {})
-    if kind not in functions:
-        reference = weakref.ref(model)  # a strong one here would keep the model alive forever
-        functions[kind] = tf.function(lambda *args: fn(reference(), *args),
-                                      reduce_retracing=True)
-    return functions[kind]
-
-
 # --- Staged schedules --------------------------------------------------------------------------
-
-HEAD = "head"
-ALL = "all"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of a schedule: what is trainable, for how long, how fast."""
-
-    target: str  # "head" (backbone frozen), an unfreeze group (it and all above it), "all"
-    epochs: int  # most epochs (early stopping may end it sooner)
-    learning_rate: float  # Adam's learning rate for the stage
-
-    def __str__(self):
-        return f"{self.target}:{self.epochs}@{self.learning_rate:g}"
-
-
-_STAGE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:\s*(\d+)\s*@\s*([0-9.]+(?:[eE][-+]?\d+)?)\s*$")
-
-
-def parse_stages(text, group_names=None):
-    """Parses a schedule string such as `"head:5@1e-3,block5:3@1e-4,block4:3@1e-5"`.
-
-    Each comma-separated item is `TARGET:EPOCHS@LEARNING_RATE`, where TARGET is `head`
-    (train the head, backbone frozen), `all` (every layer), or an unfreeze group name (that
-    group and every group above it train).
-
-    Args:
-        text: the schedule string.
-        group_names: allowed group names, top first; `None` accepts any name.
-
-    Returns:
-        A tuple of `Stage`.
-
-    Raises:
-        ConfigError: naming the malformed item and the expected form.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError("`stages` must be like 'head:5@1e-3,block5:3@1e-4'. "
-                          f"Received: stages={text!r}")
-    stages = []
-    for item in text.split(","):
-        match = _STAGE.match(item)
-        if not match:
-            raise ConfigError(
-                f"`stages` item {item.strip()!r} must be TARGET:EPOCHS@LEARNING_RATE, e.g. "
-                f"'head:5@1e-3'. Received: stages={text!r}"
-            )
-        target, epochs, rate = match.group(1), int(match.group(2)), float(match.group(3))
-        allowed = None if group_names is None else [HEAD, *group_names, ALL]
-        if allowed is not None and target not in allowed:
-            raise ConfigError(
-                f"`stages` target must be one of {allowed}. Received: {target!r} in "
-                f"stages={text!r}"
-            )
-        if epochs < 1 or not 0 < rate <= 10:
-            raise ConfigError(
-                f"`stages` item {item.strip()!r} needs epochs >= 1 and 0 < learning rate "
-                f"<= 10. Received: stages={text!r}"
-            )
-        stages.append(Stage(target, epochs, rate))
-    return tuple(stages)
-
-
-def plan_stages(group_names, pretrained, epochs, learning_rate, unfreeze=1,
-                fine_tune_epochs=None, lr_factor=0.1):
-    """The default schedule: the head first, then one stage per unfrozen group.
-
-    With a pretrained backbone: `head:epochs@lr`, then `unfreeze` stages, each unfreezing
-    the next group from the top at `lr_factor` times the previous learning rate. With a
-    randomly initialised backbone a frozen stage is meaningless, so everything trains in one
-    stage: `all:epochs@lr`.
-
-    Args:
-        group_names: the backbone's unfreeze groups, top first.
-        pretrained: whether the backbone starts from trained weights.
-        epochs: epochs of the first stage.
-        learning_rate: learning rate of the first stage.
-        unfreeze: number of groups to unfreeze after the head stage.
-        fine_tune_epochs: epochs per unfreezing stage; `None`: same as `epochs`.
-        lr_factor: learning-rate factor from one stage to the next.
-
-    Returns:
-        A tuple of `Stage`.
-    """
-    if not pretrained:
-        return (Stage(ALL, epochs, learning_rate),)
-    _check_number("unfreeze", unfreeze, 0, len(group_names), integer=True)
-    stages = [Stage(HEAD, epochs, learning_rate)]
-    for index, group in enumerate(group_names[:unfreeze], start=1):
-        stages.append(Stage(group, fine_tune_epochs or epochs,
-                            float(f"{learning_rate * lr_factor ** index:.6g}")))
-    return tuple(stages)
 
 
 def set_trainable(model, groups, target, freeze_batchnorm=True):
@@ -559,7 +402,7 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
                  freeze_batchnorm=True, sample_weights=None, verbose=1, checkpoint_dir=None,
                  resume=None, epoch_callback=None, stage_inputs=None,
                  steps_per_execution=1, jit_compile=False, strategy=None,
-                 keep_previous_state=False):
+                 keep_previous_state=False, on_batch_end=None):
     """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
@@ -590,12 +433,12 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         stage_inputs: called with a `Stage` after its layers are frozen; may return
             `(model, train_ds, val_ds)` to train that stage on other inputs (the head on
             cached features, `tlkit.features`), or None for `model` on the datasets.
+        on_batch_end: called as `on_batch_end(stage_target, epoch, batch)` after every
+            training batch (see `Trainer.train_stage`).
 
     Returns:
         A list of `StageResult`, one per stage.
     """
-    from tlkit.checkpoint import RunState, save_state
-
     if resume is not None:
         results, best, best_weights = list(resume.finished), resume.best, resume.rollback_weights
         model.set_weights(resume.current_weights)
@@ -631,7 +474,8 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         result = trainer.train_stage(
             stage_train, stage_val, epochs=stage.epochs, learning_rate=stage.learning_rate,
             patience=patience, name=stage.target, sample_weights=sample_weights,
-            resume=progress, on_epoch_end=lambda p, i=index: save(i, p))
+            resume=progress, on_epoch_end=lambda p, i=index: save(i, p),
+            on_batch_end=on_batch_end)
         if not result.best:  # no epoch had a val_loss to compare: NaN throughout
             model.set_weights(before)
             result.rolled_back = result.diverged = True

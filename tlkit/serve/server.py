@@ -8,13 +8,13 @@ from dataclasses import dataclass, fields
 
 from PIL import Image
 
-from tlkit.config import _check_number
 from tlkit.errors import ConfigError
 from tlkit.export import resolve_export
 from tlkit.serve.grpc_api import INSTALL_HINT, GrpcServer, grpc_modules
 from tlkit.serve.http import HttpServer
 from tlkit.serve.model import DEFAULT_SIGNATURE, IMAGE_INPUT, Batcher, ServedModel, ServeStats
 from tlkit.serve.rest import RestApi
+from tlkit.validation import check_number
 
 log = logging.getLogger("tlkit.serve")
 
@@ -47,9 +47,9 @@ class ServeLimits:
         for field in fields(self):
             value = getattr(self, field.name)
             if field.name in integers:
-                _check_number(field.name, value, integers[field.name], integer=True)
+                check_number(field.name, value, integers[field.name], integer=True)
             else:
-                _check_number(field.name, value, 0, 3600, low_open=True)
+                check_number(field.name, value, 0, 3600, low_open=True)
 
 
 class ModelServer:
@@ -79,11 +79,11 @@ class ModelServer:
     def __init__(self, model_path=None, *, export_dir="saved_models", name=None,
                  host="127.0.0.1", port=8501, grpc_port=8500, max_batch_size=32,
                  batch_timeout_ms=2.0, limits=None):
-        _check_number("port", port, 0, 65535, integer=True)
+        check_number("port", port, 0, 65535, integer=True)
         if grpc_port is not None:
-            _check_number("grpc_port", grpc_port, 0, 65535, integer=True)
-        _check_number("max_batch_size", max_batch_size, 1, integer=True)
-        _check_number("batch_timeout_ms", batch_timeout_ms, 0)
+            check_number("grpc_port", grpc_port, 0, 65535, integer=True)
+        check_number("max_batch_size", max_batch_size, 1, integer=True)
+        check_number("batch_timeout_ms", batch_timeout_ms, 0)
         limits = ServeLimits() if limits is None else limits
         if not isinstance(limits, ServeLimits):
             raise ConfigError(f"`limits` must be a ServeLimits. Received: limits={limits!r}")
@@ -123,7 +123,7 @@ class ModelServer:
         except OSError as e:
             self.stop()
             raise ConfigError(f"Cannot listen on {self.host}:{port} (REST): {e.strerror}. "
-                              "Choose another port.") from None
+                              "Choose another `port`.") from None
         self.rest_port = self._http.port
         if modules is not None:
             self._grpc = GrpcServer(self, grpc_port, modules)
@@ -131,7 +131,7 @@ class ModelServer:
             if self.grpc_port is None:
                 self.stop()
                 raise ConfigError(f"Cannot listen on {self.host}:{grpc_port} (gRPC). Choose "
-                                  "another grpc_port.")
+                                  "another `grpc_port`.")
         return self
 
     def stop(self):
