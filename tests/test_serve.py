@@ -290,6 +290,21 @@ def test_grpc_errors_carry_status_codes(stub, request_kwargs, code, message):
     assert message in raised.value.details()
 
 
+def test_grpc_methods_tlkit_does_not_serve_answer_unimplemented(server, stub):
+    from tensorflow_serving.apis import inference_pb2, model_management_pb2, regression_pb2
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    calls = [(stub.Regress, regression_pb2.RegressionRequest()),
+             (stub.MultiInference, inference_pb2.MultiInferenceRequest()),
+             (models.HandleReloadConfigRequest, model_management_pb2.ReloadConfigRequest())]
+    for method, request in calls:
+        with pytest.raises(grpc.RpcError) as raised:
+            method(request, TIMEOUT)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    channel.close()
+
+
 def test_without_the_serving_api_package_rest_serves_and_one_line_says_so(
         digits_export, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)
