@@ -264,8 +264,13 @@ def test_auto_backbone_and_image_size_follow_the_data():
     assert any("96 px" in note for note in notes)
     assert resolve_config(config, DataSurvey(40, 150)).data.image_size == 160
     tiny = resolve_config(config, DataSurvey(images_per_class=40, image_side=8), notes := [])
-    assert (tiny.model.backbone, tiny.data.image_size) == ("scratch", 32)
-    assert "scratch" in notes[0]
+    assert (tiny.model.backbone, tiny.data.image_size) == ("scratch", 16)  # not upsampled 4x
+    assert "scratch" in notes[0] and any("16 px" in note for note in notes)
+    scratch = build_config(data_dir="photos", backbone="scratch")
+    assert resolve_config(scratch, DataSurvey(40, 20)).data.image_size == 32  # next 16 up
+    assert resolve_config(scratch, DataSurvey(40, 480)).data.image_size == 32  # its default
+    lenet = build_config(data_dir="photos", backbone="lenet5")
+    assert resolve_config(lenet, DataSurvey(40, 8)).data.image_size == 32  # its smallest
     # Given settings win over the survey; no survey keeps the scratch CNN.
     given = build_config(data_dir="photos", backbone="scratch", image_size=48)
     assert resolve_config(given, DataSurvey(40, 480)).data.image_size == 48

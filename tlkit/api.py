@@ -105,6 +105,57 @@ def fit(data_dir=None, *, config=None, resume=None, on_batch_end=None, **options
     """
     if config is not None and not isinstance(config, FitConfig):
         raise ConfigError(f"`config` must be a FitConfig. Received: config={config!r}")
+    run = _start_run(data_dir, config, resume, options)
+    built, spec = _build_backbone(run)
+    run.data = _load_data(run)
+    try:
+        model = _build_classifier(run, built, spec)
+        _open_run(run, model)
+        results, model = _train(run, model, spec, on_batch_end)
+        history = [epoch for result in results for epoch in result.history]
+        if not run.cluster.is_chief:
+            return _worker_done(run, model, history)
+        probabilities, metrics, evaluation = _evaluate(run, model)
+        schedule = _schedule_report(results)
+        _write_run_folder(run, model, schedule, history)
+        export_path = _export(run, model, probabilities, metrics, evaluation, schedule,
+                              history)
+        timings = run.clock.seconds()
+        _write_json(run.dir / "result.json", {"export_path": str(export_path),
+                                              "metrics": metrics, "schedule": schedule,
+                                              "seconds": timings})
+        clear_state(run.dir)
+    finally:
+        run.data.close()
+    if run.verbose:
+        _print_summary(run, metrics, export_path, timings)
+    return FitResult(run.config, run.dir, export_path, history, metrics, model, timings)
+
+
+# --- The steps of a run, in order -------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the steps of one `fit` share."""
+
+    config: FitConfig  # resolved settings
+    requested: FitConfig  # the settings as asked, before `resolve_config`
+    cluster: object  # tlkit.distribute's cluster: strategy, workers, chief
+    policy: object  # the Keras dtype policy of training
+    clock: "_Clock"
+    dir: Path | None = None  # the run folder (given when resuming)
+    own_dir: Path | None = None  # this worker's folder in it (the run folder on the chief)
+    state: object = None  # a resume point (tlkit.checkpoint.RunState) or None
+    data: object = None  # tlkit.data.ImageData
+
+    @property
+    def verbose(self):
+        return self.config.train.verbose
+
+
+def _start_run(data_dir, config, resume, options):
+    """Settings built, `auto` resolved, the cluster joined, the export version checked."""
     clock = _Clock()
     if resume is not None:
         run_dir, config, state = _resumable_run(resume, data_dir, config, options)
@@ -113,144 +164,181 @@ def fit(data_dir=None, *, config=None, resume=None, on_batch_end=None, **options
         run_dir, state = None, None
     notes = []
     requested, config = config, resolve_config(config, _survey(config), notes)
-    verbose = config.train.verbose
-    if verbose:
+    if config.train.verbose:
         for note in notes:
             print(f"auto {note}")
     cluster = connect(config.train.distribute)  # before any other TensorFlow operation
     check_batch_size(cluster, config.data.batch_size)
     policy = precision_policy(config.train.mixed_precision)
     keras.utils.set_random_seed(config.seed)
-
     if cluster.is_chief and not config.export.overwrite:
         check_version_free(config.export.export_dir, config.export.name,
                            config.export.version)
-    spec = get_backbone(config.model.backbone)
-    pretrained = config.model.pretrained
-    if config.model.init_from:
-        previous, previous_classes = load_for_continuation(config.model.init_from)
-    else:
-        backbone = build_backbone(spec.name, config.data.image_size, config.model.weights)
+    return _Run(config, requested, cluster, policy, clock, dir=run_dir, state=state)
 
-    with clock.step("decode"):
-        data = load_image_data(config.data, seed=config.seed, verbose=verbose)
-    try:
-        with clock.step("decode"):
-            leaks = split_leaks(data)
-        if leaks:
-            data.warnings.append(
-                f"{len(leaks)} near-duplicate image pair(s) straddle the splits (e.g. "
-                f"{leaks[0][0]} in {leaks[0][1]} and {leaks[0][2]} in {leaks[0][3]}): "
-                "validation and test scores may be optimistic. `tlkit doctor "
-                f"{config.data.data_dir}` lists them.")
-        if verbose:
-            print(data.summary())
-        if config.model.init_from:
-            model = extend_classifier(previous, previous_classes, data.class_names,
-                                      config.model.dropout)
-        else:
-            model = build_classifier(spec.name, data.num_classes, config.data.image_size,
-                                     config.model.dropout, backbone_model=backbone)
-        if cluster.workers > 1:
-            check_agreement(cluster, _worker_fingerprint(config, data, model))
-        run_dir, own_dir, state = _open_run_folder(cluster, config, requested, data, run_dir,
-                                                   state)
-        if not pretrained:
-            steps = -(-len(data.splits["train"]) // config.data.batch_size)
-            adapt_batchnorm_momentum(model, steps)
-        trained = for_training(model, cluster, policy)
-        groups = unfreeze_groups(spec, trained.get_layer("backbone"))
-        stages = _schedule(config, [name for name, _ in groups], pretrained)
-        if verbose:
-            print(cluster.describe(config.data.batch_size, config.train.learning_rate, policy,
-                                   config.train.jit))
-        augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed)
-        batch = config.data.batch_size
-        train_ds = make_dataset(data.splits["train"], batch, shuffle=True, seed=config.seed,
-                                augmenter=augmenter)
-        val_ds = make_dataset(data.splits["val"], batch)
-        weights = None
-        if config.train.class_weight == "auto":
-            weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
+
+def _build_backbone(run):
+    """The backbone (or the model to continue), built before the data is read so that a
+    weights problem shows at once; returns it with the backbone's registry entry."""
+    config = run.config
+    spec = get_backbone(config.model.backbone)
+    if config.model.init_from:
+        return load_for_continuation(config.model.init_from), spec
+    return build_backbone(spec.name, config.data.image_size, config.model.weights), spec
+
+
+def _load_data(run):
+    """Decoded, checked and split images, with a warning for split leaks."""
+    config = run.config
+    with run.clock.step("decode"):
+        data = load_image_data(config.data, seed=config.seed, verbose=run.verbose)
         try:
-            with failures(cluster, run_dir), clock.step("epochs"):
-                results = run_schedule(
-                    trained, groups, stages, train_ds, val_ds, patience=config.train.patience,
-                    freeze_batchnorm=pretrained and not config.model.train_bn,
-                    sample_weights=weights, verbose=verbose, checkpoint_dir=own_dir,
-                    resume=state,
-                    epoch_callback=_tensorboard(config, run_dir) if cluster.is_chief else None,
-                    steps_per_execution=config.train.steps_per_execution,
-                    jit_compile=config.train.jit == "on", strategy=cluster.strategy,
-                    keep_previous_state=cluster.workers > 1,
-                    stage_inputs=_feature_inputs(config, spec, trained, data, verbose,
-                                                 clock),
-                    on_batch_end=on_batch_end)
-        except KeyboardInterrupt:
-            raise Interrupted(
-                "Training interrupted; every completed epoch is saved in "
-                f"{str(run_dir)!r}. Resume with `resume={str(run_dir)!r}`."
-            ) from None
-        history = [epoch for result in results for epoch in result.history]
-        if trained is not model:  # a plain float32 copy evaluates and exports
-            model = copy_classifier(trained)
-        if not cluster.is_chief:
-            clear_state(own_dir)
-            if verbose:
-                print(f"Worker {cluster.worker} done; the chief (worker 0) evaluates, writes "
-                      f"the run folder {run_dir} and exports.")
-            return FitResult(config, run_dir, None, history, {}, model)
-        with clock.step("evaluation"):
-            probabilities = {name: predict_probabilities(model, data.splits[name].images,
-                                                         batch)
-                             for name in ("val", "test") if name in data.splits}
-            metrics = {name: probability_metrics(data.splits[name].labels, values, batch)
-                       for name, values in probabilities.items()}
-            evaluation = {name: _evaluation_summary(evaluate_arrays(
-                model, data.splits[name].images, data.splits[name].labels, data.class_names,
-                output_dir=run_dir / f"evaluation_{name}", sources=data.splits[name].files,
-                probabilities=values))
-                for name, values in probabilities.items()}
-        schedule = _schedule_report(results)
-        with clock.step("run folder"):
-            model.save(run_dir / "model.keras")
-            model.get_layer("backbone").save_weights(run_dir / BACKBONE_WEIGHTS)
-            _write_json(run_dir / "schedule.json", schedule)
-            _write_json(run_dir / "history.json", history)
-            _write_csv(run_dir / "history.csv", history)
-            plot_history(history, run_dir / "curves.png", title=f"{config.export.name}: "
-                         f"{config.model.backbone} at {config.data.image_size}px")
-        with clock.step("export"):
-            export_path = export_classifier(
-                model, data.class_names, config.export.export_dir, config.export.name,
-                image_size=config.data.image_size, resize=config.data.resize,
-                version=config.export.version,
-                metadata={"backbone": config.model.backbone, "metrics": metrics,
-                          "evaluation": evaluation,
-                          "weights": config.model.weights, "schedule": schedule,
-                          "epochs_trained": len(history),
-                          "data": {n: len(s) for n, s in data.splits.items()},
-                          "run_dir": str(run_dir.resolve()), "config": config.to_dict()},
-                verify_images=data.splits["val"].images[:8],
-                verify_probabilities=probabilities["val"][:8],
-                model_card=_model_card(config, data, schedule, evaluation),
-                calibration_images=_calibration_sample(data.splits["train"], config.seed),
-                overwrite=config.export.overwrite,
-            )
-        timings = clock.seconds()
-        _write_json(run_dir / "result.json", {"export_path": str(export_path),
-                                              "metrics": metrics, "schedule": schedule,
-                                              "seconds": timings})
-        clear_state(run_dir)
-    finally:
-        data.close()
-    if verbose:
-        for name, values in metrics.items():
-            print(f"{name}: loss={values['loss']:.4f} accuracy={values['accuracy']:.4f}")
-        print(f"Run folder: {run_dir}")
-        print(f"Exported: {export_path}")
-        print(_Clock.line(timings))
-    return FitResult(config, run_dir, export_path, history, metrics, model, timings)
+            leaks = split_leaks(data)
+        except BaseException:
+            data.close()
+            raise
+    if leaks:
+        data.warnings.append(
+            f"{len(leaks)} near-duplicate image pair(s) straddle the splits (e.g. "
+            f"{leaks[0][0]} in {leaks[0][1]} and {leaks[0][2]} in {leaks[0][3]}): "
+            "validation and test scores may be optimistic. `tlkit doctor "
+            f"{config.data.data_dir}` lists them.")
+    if run.verbose:
+        print(data.summary())
+    return data
+
+
+def _build_classifier(run, built, spec):
+    """The classifier for this data: a new head on the backbone, or the continued model
+    with its head extended to the new classes."""
+    config, data = run.config, run.data
+    if config.model.init_from:
+        previous, previous_classes = built
+        return extend_classifier(previous, previous_classes, data.class_names,
+                                 config.model.dropout)
+    return build_classifier(spec.name, data.num_classes, config.data.image_size,
+                            config.model.dropout, backbone_model=built)
+
+
+def _open_run(run, model):
+    """Workers agree on data and model; the run folder is made (or reopened to resume)."""
+    if run.cluster.workers > 1:
+        check_agreement(run.cluster, _worker_fingerprint(run.config, run.data, model))
+    run.dir, run.own_dir, run.state = _open_run_folder(
+        run.cluster, run.config, run.requested, run.data, run.dir, run.state)
+
+
+def _train(run, model, spec, on_batch_end):
+    """The staged schedule; returns its stage results and the trained float32 model."""
+    config, data, cluster = run.config, run.data, run.cluster
+    pretrained = config.model.pretrained
+    if not pretrained:
+        steps = -(-len(data.splits["train"]) // config.data.batch_size)
+        adapt_batchnorm_momentum(model, steps)
+    trained = for_training(model, cluster, run.policy)
+    groups = unfreeze_groups(spec, trained.get_layer("backbone"))
+    stages = _schedule(config, [name for name, _ in groups], pretrained)
+    if run.verbose:
+        print(cluster.describe(config.data.batch_size, config.train.learning_rate, run.policy,
+                               config.train.jit))
+    augmenter = build_augmenter(config.model.augment, config.model.flip, seed=config.seed)
+    batch = config.data.batch_size
+    train_ds = make_dataset(data.splits["train"], batch, shuffle=True, seed=config.seed,
+                            augmenter=augmenter)
+    val_ds = make_dataset(data.splits["val"], batch)
+    weights = None
+    if config.train.class_weight == "auto":
+        weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
+    try:
+        with failures(cluster, run.dir), run.clock.step("epochs"):
+            results = run_schedule(
+                trained, groups, stages, train_ds, val_ds, patience=config.train.patience,
+                freeze_batchnorm=pretrained and not config.model.train_bn,
+                sample_weights=weights, verbose=run.verbose, checkpoint_dir=run.own_dir,
+                resume=run.state,
+                epoch_callback=_tensorboard(config, run.dir) if cluster.is_chief else None,
+                steps_per_execution=config.train.steps_per_execution,
+                jit_compile=config.train.jit == "on", strategy=cluster.strategy,
+                keep_previous_state=cluster.workers > 1,
+                stage_inputs=_feature_inputs(config, spec, trained, data, run.verbose,
+                                             run.clock),
+                on_batch_end=on_batch_end)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "Training interrupted; every completed epoch is saved in "
+            f"{str(run.dir)!r}. Resume with `resume={str(run.dir)!r}`."
+        ) from None
+    if trained is not model:  # a plain float32 copy evaluates and exports
+        model = copy_classifier(trained)
+    return results, model
+
+
+def _worker_done(run, model, history):
+    """A non-chief worker's end: its state goes; the chief evaluates and exports."""
+    clear_state(run.own_dir)
+    if run.verbose:
+        print(f"Worker {run.cluster.worker} done; the chief (worker 0) evaluates, writes "
+              f"the run folder {run.dir} and exports.")
+    return FitResult(run.config, run.dir, None, history, {}, model)
+
+
+def _evaluate(run, model):
+    """One forward pass per held-out split feeds its metrics and its evaluation report."""
+    data, batch = run.data, run.config.data.batch_size
+    with run.clock.step("evaluation"):
+        probabilities = {name: predict_probabilities(model, data.splits[name].images, batch)
+                         for name in ("val", "test") if name in data.splits}
+        metrics = {name: probability_metrics(data.splits[name].labels, values, batch)
+                   for name, values in probabilities.items()}
+        evaluation = {name: _evaluation_summary(evaluate_arrays(
+            model, data.splits[name].images, data.splits[name].labels, data.class_names,
+            output_dir=run.dir / f"evaluation_{name}", sources=data.splits[name].files,
+            probabilities=values))
+            for name, values in probabilities.items()}
+    return probabilities, metrics, evaluation
+
+
+def _write_run_folder(run, model, schedule, history):
+    """The trained model, its backbone's weights, schedule, history and curves."""
+    config = run.config
+    with run.clock.step("run folder"):
+        model.save(run.dir / "model.keras")
+        model.get_layer("backbone").save_weights(run.dir / BACKBONE_WEIGHTS)
+        _write_json(run.dir / "schedule.json", schedule)
+        _write_json(run.dir / "history.json", history)
+        _write_csv(run.dir / "history.csv", history)
+        plot_history(history, run.dir / "curves.png", title=f"{config.export.name}: "
+                     f"{config.model.backbone} at {config.data.image_size}px")
+
+
+def _export(run, model, probabilities, metrics, evaluation, schedule, history):
+    """The verified SavedModel version with its metadata and model card."""
+    config, data = run.config, run.data
+    with run.clock.step("export"):
+        return export_classifier(
+            model, data.class_names, config.export.export_dir, config.export.name,
+            image_size=config.data.image_size, resize=config.data.resize,
+            version=config.export.version,
+            metadata={"backbone": config.model.backbone, "metrics": metrics,
+                      "evaluation": evaluation,
+                      "weights": config.model.weights, "schedule": schedule,
+                      "epochs_trained": len(history),
+                      "data": {n: len(s) for n, s in data.splits.items()},
+                      "run_dir": str(run.dir.resolve()), "config": config.to_dict()},
+            verify_images=data.splits["val"].images[:8],
+            verify_probabilities=probabilities["val"][:8],
+            model_card=_model_card(config, data, schedule, evaluation),
+            calibration_images=_calibration_sample(data.splits["train"], config.seed),
+            overwrite=config.export.overwrite,
+        )
+
+
+def _print_summary(run, metrics, export_path, timings):
+    for name, values in metrics.items():
+        print(f"{name}: loss={values['loss']:.4f} accuracy={values['accuracy']:.4f}")
+    print(f"Run folder: {run.dir}")
+    print(f"Exported: {export_path}")
+    print(_Clock.line(timings))
 
 
 class _Clock:
@@ -327,9 +415,11 @@ def resolve_config(config, survey=None, notes=None):
             settings that follow the data: `backbone="auto"` trains
             `PRETRAINED_BACKBONE` when the images' median shorter side is at least
             `MIN_PRETRAINED_SIDE` pixels and the scratch CNN below that (or without a
-            survey); a pretrained backbone's `image_size="auto"` is the images' side
-            rounded up to a multiple of 32, within `MIN_PRETRAINED_INPUT` and the
-            backbone's default size.
+            survey); `image_size="auto"` is the images' side rounded up to a multiple
+            of 32 within `MIN_PRETRAINED_INPUT` and the default size for a pretrained
+            backbone, to a multiple of 16 within the backbone's smallest and default
+            size for one trained from scratch (the 8 px digits train at 16 px:
+            benchmarks/demo_size.py).
         notes: a list that gets one sentence per data-dependent choice, saying why.
 
     Returns:
@@ -424,9 +514,13 @@ def _auto_backbone(survey, notes):
 
 
 def _auto_image_size(spec, survey, notes):
-    if not spec.imagenet or survey is None:
+    if survey is None:
         return spec.default_size
-    side = min(spec.default_size, max(MIN_PRETRAINED_INPUT, -(-survey.image_side // 32) * 32))
+    if spec.imagenet:
+        side = max(MIN_PRETRAINED_INPUT, -(-survey.image_side // 32) * 32)
+    else:  # a network trained here learns nothing from upsampled pixels, at 4x the cost
+        side = max(spec.min_size, -(-survey.image_side // 16) * 16)
+    side = min(spec.default_size, side)
     if side != spec.default_size:
         notes.append(f"image size: {side} px (the images are {survey.image_side} px; "
                      f"{spec.name}'s default {spec.default_size} px would only upsample them)")
