@@ -54,7 +54,7 @@ _SECTION_TITLES = {"data": "Data options", "model": "Model options",
                    "train": "Training options", "export": "Export options"}
 
 
-def config_fields():
+def _config_fields():
     """Yields `(section, field)` for every setting of a `FitConfig`, in the config's order;
     `section` is `None` for `FitConfig`'s own fields (the seed)."""
     for section in dataclasses.fields(FitConfig):
@@ -64,11 +64,11 @@ def config_fields():
             yield None, section
 
 
-_FIELDS = {f.name: f for _, f in config_fields()}
-_SECTION_OF = {f.name: _SECTION_TITLES[section] for section, f in config_fields() if section}
+_FIELDS = {f.name: f for _, f in _config_fields()}
+_SECTION_OF = {f.name: _SECTION_TITLES[section] for section, f in _config_fields() if section}
 
 
-def setting_flags(field):
+def _setting_flags(field):
     """The click declarations of a config field's option: `--x` (bool: `--x/--no-x`),
     aliases from its `flags` metadata; `()` for a field set another way (DATA_DIR, -q)."""
     flags = field.metadata.get("flags", (f"--{field.name.replace('_', '-')}",))
@@ -113,7 +113,7 @@ def _click_type(field):
     return _NumberOrAuto(number) if field.default == "auto" else number
 
 
-def setting_option(name, *, with_default=False):
+def _setting_option(name, *, with_default=False):
     """The option of the config field `name`: its flags, click type (choices, paths, numbers,
     `--x/--no-x` for a bool) and help text with "[default: ...]" from the field.
 
@@ -125,14 +125,14 @@ def setting_option(name, *, with_default=False):
               "help": f"{field.metadata['help']} [default: {_shown(field)}]"}
     if field.type is not bool:
         kwargs["type"] = _click_type(field)
-    return click.option(*setting_flags(field), name, **kwargs)
+    return click.option(*_setting_flags(field), name, **kwargs)
 
 
 def _setting_options(command):
     """Adds an option for every config field a flag sets, in the config's order."""
-    for _, field in reversed(list(config_fields())):
-        if setting_flags(field):
-            command = setting_option(field.name)(command)
+    for _, field in reversed(list(_config_fields())):
+        if _setting_flags(field):
+            command = _setting_option(field.name)(command)
     return command
 
 
@@ -155,7 +155,7 @@ class _SectionedCommand(click.Command):
 def model_option(command):
     """`--model`: the export a command reads, and `--export-dir`: the export root searched
     for the newest one without it (fit's --export-dir)."""
-    command = setting_option("export_dir", with_default=True)(command)
+    command = _setting_option("export_dir", with_default=True)(command)
     return click.option(
         "--model", "model_path", type=click.Path(exists=True, file_okay=False),
         help="Export folder (EXPORT_DIR/NAME/VERSION, or EXPORT_DIR/NAME for its newest "
@@ -314,9 +314,9 @@ _PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@setting_option("val_split", with_default=True)
-@setting_option("test_split", with_default=True)
-@setting_option("seed", with_default=True)
+@_setting_option("val_split", with_default=True)
+@_setting_option("test_split", with_default=True)
+@_setting_option("seed", with_default=True)
 @click.option("--min-size", default=16, show_default=True, type=click.IntRange(min=0),
               help="Warn about images with a side shorter than this (0: off).")
 @click.option("--no-near-duplicates", is_flag=True,
@@ -577,7 +577,7 @@ def cache():
 
 
 @cache.command("info")
-@setting_option("cache_dir")
+@_setting_option("cache_dir")
 def cache_info(cache_dir):
     """Show the feature cache's folder, entries and size."""
     from tlkit.features import FeatureCache
@@ -589,7 +589,7 @@ def cache_info(cache_dir):
 
 
 @cache.command("clear")
-@setting_option("cache_dir")
+@_setting_option("cache_dir")
 def cache_clear(cache_dir):
     """Delete every cached feature file (they are recomputed when needed)."""
     from tlkit.features import FeatureCache
