@@ -238,3 +238,13 @@ def test_shared_options_mean_the_same_in_every_command():
         "evaluate": ("table", "json")}
     assert all(f.default == "table" for f in formats.values())
     assert formats["evaluate"].type.convert("text", formats["evaluate"], None) == "table"
+
+
+def test_fit_help_lists_the_settings_by_section():
+    text = CliRunner().invoke(main, ["fit", "--help"], terminal_width=100).output
+    titles = ["Options:", "Data options:", "Model options:", "Training options:",
+              "Export options:"]
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)
+    model = text[text.index("Model options:"):text.index("Training options:")]
+    assert "--augment [none|light|standard|heavy]" in model and "[default: standard]" in model
+    assert "--feature-cache-gb FLOAT" in text and "--tensorboard / --no-tensorboard" in text
