@@ -18,7 +18,7 @@ def run(*args):
 
 def test_evaluate_reports_metrics_and_writes_its_files(digits_export, tmp_path):
     result = run("evaluate", DIGITS, "--model", digits_export, "--format", "json",
-                 "--out", tmp_path / "report")
+                 "--output-dir", tmp_path / "report")
     metrics = json.loads(result.stdout)["metrics"]
     assert metrics["num_samples"] == 1797 and metrics["accuracy"] > 0.5
     for name in ("metrics.json", "confusion_matrix.png", "reliability.png", "mistakes.csv"):

@@ -27,7 +27,8 @@ import numpy as np
 
 from tlkit.augment import build_augmenter
 from tlkit.backbones import get_backbone, unfreeze_groups
-from tlkit.config import FitConfig, build_config
+from tlkit.config import (MIN_PRETRAINED_INPUT, MIN_PRETRAINED_SIDE, PRETRAINED_BACKBONE,
+                          FitConfig, build_config)
 from tlkit.data import load_image_data, make_dataset, survey_folder
 from tlkit.doctor import split_leaks
 from tlkit.checkpoint import clear_state, load_state
@@ -46,12 +47,6 @@ from tlkit.schedule import ALL, HEAD, parse_stages, plan_stages
 from tlkit.training import adapt_batchnorm_momentum, probability_metrics, run_schedule
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
-
-# Data-dependent defaults, chosen on benchmarks/transfer_real.py's validation photos.
-PRETRAINED_BACKBONE = "mobilenet"  # what backbone="auto" trains when the images are big enough
-MIN_PRETRAINED_SIDE = 24  # images smaller than this (median shorter side) train from scratch
-MIN_PRETRAINED_INPUT = 96  # smallest input side given to a pretrained backbone
-
 
 @dataclass
 class FitResult:

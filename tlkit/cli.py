@@ -3,17 +3,24 @@
 Each command parses its flags, builds the library's config or arguments, makes one library
 call and prints the result. tlkit's own errors (`TlkitError`) are shown as one clear line,
 without a traceback. TensorFlow is imported only inside commands, so `--help` is instant.
+
+`fit`'s settings options are made from the fields of `tlkit.config` (their defaults, choices
+and help texts are written there, once); the options several commands share (`--model`,
+`--output-dir`, `--format`) are decorators below, with one meaning everywhere.
 """
 
 import csv
+import dataclasses
 import functools
 import json
 import re
 import sys
+import typing
 
 import click
 
 from tlkit.runtime import TF_LOGS_ENV, __version__, import_tensorflow, show_tensorflow_logs
+from tlkit.config import FitConfig
 
 
 def _user_errors(command):
@@ -58,6 +65,148 @@ def _as_flags(message, command):
     return re.sub(rf"(?<![\w.-])({names})=('[^'\s]+')?", with_value, message)
 
 
+# --- Options made from the config's fields ------------------------------------------------
+
+# The settings that name files or folders, as the CLI checks them (the config holds strings).
+_PATHS = {"val_dir": click.Path(exists=True, file_okay=False),
+          "init_from": click.Path(exists=True),
+          "cache_dir": click.Path(file_okay=False),
+          "export_dir": click.Path(file_okay=False),
+          "runs_dir": click.Path(file_okay=False)}
+
+_SECTION_TITLES = {"data": "Data options", "model": "Model options",
+                   "train": "Training options", "export": "Export options"}
+
+
+def _config_fields():
+    """Yields `(section, field)` for every setting of a `FitConfig`, in the config's order;
+    `section` is `None` for `FitConfig`'s own fields (the seed)."""
+    for section in dataclasses.fields(FitConfig):
+        if dataclasses.is_dataclass(section.type):
+            yield from ((section.name, f) for f in dataclasses.fields(section.type))
+        else:
+            yield None, section
+
+
+_FIELDS = {f.name: f for _, f in _config_fields()}
+_SECTION_OF = {f.name: _SECTION_TITLES[section] for section, f in _config_fields() if section}
+
+
+def _setting_flags(field):
+    """The click declarations of a config field's option: `--x` (bool: `--x/--no-x`),
+    aliases from its `flags` metadata; `()` for a field set another way (DATA_DIR, -q)."""
+    flags = field.metadata.get("flags", (f"--{field.name.replace('_', '-')}",))
+    if field.type is bool and flags and "/" not in flags[0]:
+        flags = (f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:])
+    return flags
+
+
+def _shown(field):
+    if "shown" in field.metadata:
+        return field.metadata["shown"]
+    if isinstance(field.default, bool):
+        return "on" if field.default else "off"
+    return str(field.default)
+
+
+class _NumberOrAuto(click.ParamType):
+    """A number, or "auto" for a setting resolved per run (`--image-size auto` takes back a
+    size loaded with --config)."""
+
+    def __init__(self, number):
+        self.number = number
+        self.name = f"{number.name}|auto"
+
+    def get_metavar(self, param, ctx):
+        return f"{self.number.name.upper()}|auto"
+
+    def convert(self, value, param, ctx):
+        return value if value == "auto" else self.number.convert(value, param, ctx)
+
+
+def _click_type(field):
+    if field.name in _PATHS:
+        return _PATHS[field.name]
+    if "choices" in field.metadata:
+        return click.Choice(field.metadata["choices"])
+    kinds = typing.get_args(field.type) or (field.type,)
+    number = next((click.INT if kind is int else click.FLOAT for kind in kinds
+                   if kind in (int, float)), None)
+    if number is None:
+        return click.STRING
+    return _NumberOrAuto(number) if field.default == "auto" else number
+
+
+def _setting_option(name, *, with_default=False):
+    """The option of the config field `name`: its flags, click type (choices, paths, numbers,
+    `--x/--no-x` for a bool) and help text with "[default: ...]" from the field.
+
+    The option's own default is `None` (not given: the config's, or a `--config` file's,
+    value stays), unless `with_default` (a command that passes the value on itself).
+    """
+    field = _FIELDS[name]
+    kwargs = {"default": field.default if with_default else None,
+              "help": f"{field.metadata['help']} [default: {_shown(field)}]"}
+    if field.type is not bool:
+        kwargs["type"] = _click_type(field)
+    return click.option(*_setting_flags(field), name, **kwargs)
+
+
+def _setting_options(command):
+    """Adds an option for every config field a flag sets, in the config's order."""
+    for _, field in reversed(list(_config_fields())):
+        if _setting_flags(field):
+            command = _setting_option(field.name)(command)
+    return command
+
+
+class _SectionedCommand(click.Command):
+    """A command whose --help lists the settings under their config section."""
+
+    def format_options(self, ctx, formatter):
+        sections = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                sections.setdefault(_SECTION_OF.get(param.name, "Options"), []).append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
+# --- Options several commands share -------------------------------------------------------
+
+def model_option(command):
+    """`--model`: the export a command reads, and `--export-dir`: the export root searched
+    for the newest one without it (fit's --export-dir)."""
+    command = _setting_option("export_dir", with_default=True)(command)
+    return click.option(
+        "--model", "model_path", type=click.Path(exists=True, file_okay=False),
+        help="Export folder (EXPORT_DIR/NAME/VERSION, or EXPORT_DIR/NAME for its newest "
+        "version) [default: the newest export under --export-dir].")(command)
+
+
+def output_dir_option(help, default=None):
+    """`--output-dir` (alias `--out`): the folder a command writes its files to."""
+    return click.option("--output-dir", "--out", "output_dir", default=default,
+                        show_default=default is not None, type=click.Path(file_okay=False),
+                        help=help)
+
+
+class _FormatChoice(click.Choice):
+    """click.Choice taking "text", evaluate's former name, for "table"."""
+
+    def convert(self, value, param, ctx):
+        return super().convert("table" if value == "text" else value, param, ctx)
+
+
+def format_option(choices):
+    """`--format`: how results are printed, "table" for people, "json" or "csv" for
+    programs."""
+    return click.option("--format", "output_format", default="table", show_default=True,
+                        type=_FormatChoice(choices), help="Output format.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="tlkit")
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's own log lines (start-up "
@@ -74,98 +223,15 @@ def main(verbose):
         show_tensorflow_logs()
 
 
-@main.command()
+@main.command(cls=_SectionedCommand)
 @click.argument("data_dir", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="Re-run a saved config.json (flags given here override it).")
-@click.option("--backbone", help="Network: scratch (default), lenet5, vgg16, resnet50, "
-              "mobilenet_v2, efficientnet_b0, ...; see `tlkit backbones`.")
-@click.option("--weights", help="Backbone weights: imagenet (default for pretrained "
-              "backbones), none (random, every layer trains), or PATH to a weights file "
-              "(e.g. a run's backbone.weights.h5).")
-@click.option("--init-from", type=click.Path(exists=True),
-              help="Continue a tlkit run folder or model.keras; new class folders are added.")
-@click.option("--image-size", type=int, help="Side of the square model input in pixels "
-              "[default: the backbone's: 32 for scratch/lenet5, 224 for pretrained].")
-@click.option("--resize", type=click.Choice(["squash", "crop", "pad"]),
-              help="How images become square: stretch, centre-crop, or pad [default: squash].")
-@click.option("--val-split", type=float, help="Fraction of each class for validation "
-              "[default: 0.2].")
-@click.option("--test-split", type=float, help="Fraction of each class held out as a test "
-              "set, reported separately [default: 0].")
-@click.option("--val-dir", type=click.Path(exists=True, file_okay=False),
-              help="A separate validation folder with the same classes (replaces --val-split).")
-@click.option("--epochs", type=int, help="Most epochs of the first stage (the head, or "
-              "everything when training from scratch) [default: 30].")
-@click.option("--learning-rate", "--lr", "learning_rate", type=float,
-              help="Adam learning rate of the first stage [default: 0.001].")
-@click.option("--unfreeze", type=int, help="Backbone groups to unfreeze after the head "
-              "stage, one stage each, 10x lower learning rate per stage [default: 1 when "
-              "pretrained].")
-@click.option("--fine-tune-epochs", type=int, help="Most epochs per unfreezing stage; 0: "
-              "no fine-tuning [default: --epochs].")
-@click.option("--stages", help="Explicit schedule, e.g. 'head:5@1e-3,block5:3@1e-4,"
-              "block4:3@1e-5' (TARGET:EPOCHS@LR; TARGET is head, all, or a group).")
-@click.option("--train-bn/--freeze-bn", "train_bn", default=None,
-              help="Let BatchNorm layers in unfrozen groups train [default: frozen, in "
-              "inference mode].")
-@click.option("--feature-cache/--no-feature-cache", "feature_cache", default=None,
-              help="Train the head on cached backbone features while the backbone is "
-              "frozen [default: on].")
-@click.option("--fine-tune-cache/--no-fine-tune-cache", "fine_tune_cache", default=None,
-              help="Train unfreezing stages on cached activations of the frozen layers "
-              "below them, when they fit in memory: faster per epoch, but the fixed "
-              "augmented views overfit small sets [default: off].")
-@click.option("--cached-views", type=int, help="Augmented views per image in the feature "
-              "cache [default: 1].")
-@click.option("--steps-per-execution", type=click.IntRange(min=1),
-              help="Train steps per call into the graph [default: 8; results are the same, "
-              "only fewer Python round trips].")
-@click.option("--distribute", type=click.Choice(["auto", "none", "mirrored", "multi-worker"]),
-              help="tf.distribute strategy: mirrored (this machine's GPUs), multi-worker "
-              "(the machines in TF_CONFIG) [default: auto: multi-worker if TF_CONFIG lists "
-              "several workers, else mirrored with several GPUs, else none].")
-@click.option("--mixed-precision/--no-mixed-precision", "mixed_precision", default=None,
-              help="Compute in float16 (GPU) or bfloat16 (CPUs that have it); variables, "
-              "output layer and loss stay float32 [default: off].")
-@click.option("--jit", type=click.Choice(["auto", "on", "off"]),
-              help="XLA for the train step [default: auto: on with a GPU and no strategy, "
-              "off on CPU, where it measured 3.8x slower].")
-@click.option("--tensorboard", is_flag=True, default=None,
-              help="Write TensorBoard logs to the run folder's tensorboard/.")
-@click.option("--class-weight", type=click.Choice(["none", "auto"]),
-              help="auto: weight the loss by inverse class frequency [default: none].")
-@click.option("--patience", type=int, help="Epochs without a better val_loss before "
-              "stopping [default: 5].")
-@click.option("--batch-size", type=int, help="Images per step [default: 32].")
-@click.option("--dropout", type=float, help="Head dropout rate [default: the backbone's].")
-@click.option("--augment", type=click.Choice(["none", "light", "standard", "heavy"]),
-              help="Augmentation preset, used in training only [default: standard].")
-@click.option("--flip", type=click.Choice(["none", "horizontal", "vertical",
-                                           "horizontal_and_vertical"]),
-              help="Random flips in training [default: horizontal, none with --augment none]; "
-              "`none` for digits/text.")
-@click.option("--seed", type=int, help="Seed for the split, weights, shuffling and "
-              "augmentation [default: 42].")
-@click.option("--export-dir", type=click.Path(file_okay=False),
-              help="Export root [default: saved_models].")
-@click.option("--name", help="Model name [default: the data folder's name].")
-@click.option("--version", "version", type=int, help="Export version; refused if it exists "
-              "[default: the next free one].")
-@click.option("--overwrite", is_flag=True, default=None,
-              help="Replace an existing --version (the new export is complete and verified "
-              "before the old one goes).")
-@click.option("--runs-dir", type=click.Path(file_okay=False),
-              help="Where run folders go [default: runs].")
-@click.option("--cache", type=click.Choice(["auto", "memory", "disk"]),
-              help="Where decoded images are kept [default: auto, by size vs free RAM].")
-@click.option("--cache-dir", type=click.Path(file_okay=False),
-              help="Folder of the disk cache [default: ~/.cache/tlkit].")
-@click.option("--workers", type=int, help="Image decoding threads [default: one per core].")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
               help="Continue an interrupted run from its run folder (its own settings; the "
               "state of every completed epoch is saved there).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the export path.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the export path (verbose 0).")
+@_setting_options
 @_user_errors
 def fit(data_dir, config_file, quiet, resume, **options):
     """Train a classifier on DATA_DIR (one subfolder per class) and export it.
@@ -192,7 +258,6 @@ def fit(data_dir, config_file, quiet, resume, **options):
       tlkit fit ./photos --distribute multi-worker   # on every host, each with its TF_CONFIG
     """
     from tlkit.api import fit as run_fit
-    from tlkit.config import FitConfig
 
     if quiet:
         options["verbose"] = 0
@@ -215,17 +280,14 @@ def fit(data_dir, config_file, quiet, resume, **options):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
-              help="Export folder (saved_models/NAME/VERSION, or NAME for its newest) "
-              "[default: the newest export under ./saved_models].")
+@model_option
 @click.option("-k", "--top-k", default=3, show_default=True, type=click.IntRange(min=1),
               help="Classes shown per image.")
-@click.option("--format", "output_format", default="table", show_default=True,
-              type=click.Choice(["table", "json", "csv"]), help="Output format.")
+@format_option(["table", "json", "csv"])
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass.")
 @_user_errors
-def predict(inputs, model_path, top_k, output_format, batch_size):
+def predict(inputs, model_path, export_dir, top_k, output_format, batch_size):
     """Predict the top-k classes of image files or folders (searched recursively).
 
     A file that cannot be read gets an error line on stderr, the others are still
@@ -238,7 +300,7 @@ def predict(inputs, model_path, top_k, output_format, batch_size):
     """
     from tlkit.predict import load
 
-    classifier = load(model_path)
+    classifier = load(model_path, export_dir=export_dir)
     predictions = classifier.predict(list(inputs), top_k=top_k, batch_size=batch_size)
     _PRINTERS[output_format](predictions, top_k)
     failed = [p for p in predictions if p.error]
@@ -276,18 +338,16 @@ _PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--val-split", default=0.2, show_default=True, type=float,
-              help="As in fit: the split whose leaks are checked.")
-@click.option("--test-split", default=0.0, show_default=True, type=float, help="As in fit.")
-@click.option("--seed", default=42, show_default=True, type=int, help="As in fit.")
+@_setting_option("val_split", with_default=True)
+@_setting_option("test_split", with_default=True)
+@_setting_option("seed", with_default=True)
 @click.option("--min-size", default=16, show_default=True, type=click.IntRange(min=0),
               help="Warn about images with a side shorter than this (0: off).")
 @click.option("--no-near-duplicates", is_flag=True,
               help="Skip the perceptual-hash search for near-duplicates and split leaks.")
 @click.option("--quarantine", "quarantine_dir", type=click.Path(file_okay=False),
               help="Move every file fit would skip into this folder (never deletes).")
-@click.option("--format", "output_format", default="table", show_default=True,
-              type=click.Choice(["table", "json"]), help="Output format.")
+@format_option(["table", "json"])
 @_user_errors
 def doctor(data_dir, val_split, test_split, seed, min_size, no_near_duplicates,
            quarantine_dir, output_format):
@@ -326,15 +386,13 @@ def doctor(data_dir, val_split, test_split, seed, min_size, no_near_duplicates,
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
-              help="Export folder [default: the newest export under ./saved_models].")
+@model_option
 @click.option("--class", "class_name", help="Explain this class instead of the predicted one.")
 @click.option("--layer", help="Backbone layer to explain [default: the last feature map "
               "larger than 1x1, the one built into the export]; needs the run folder.")
-@click.option("--out", "output_dir", default="explanations", show_default=True,
-              type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@output_dir_option("Folder for the PNGs.", default="explanations")
 @_user_errors
-def explain(images, model_path, class_name, layer, output_dir):
+def explain(images, model_path, export_dir, class_name, layer, output_dir):
     """Grad-CAM heatmaps: which part of each image drove the prediction (PNG per image).
 
     Uses the export's own `explain_images` signature, so it works from an export alone.
@@ -342,32 +400,29 @@ def explain(images, model_path, class_name, layer, output_dir):
     \b
     Example:
       tlkit explain data/digits/7/7_0061.png
-      tlkit explain cat.jpg --class dog --model saved_models/pets/3 --out heatmaps/
+      tlkit explain cat.jpg --class dog --model saved_models/pets/3 --output-dir heatmaps/
     """
     from tlkit.explain import explain_files
 
-    for item in explain_files(list(images), model_path, class_name=class_name, layer=layer,
-                              output_dir=output_dir):
+    for item in explain_files(list(images), model_path, export_dir=export_dir,
+                              class_name=class_name, layer=layer, output_dir=output_dir):
         click.echo(f"{item['file']}: {item['class']} ({item['probability']:.1%}) -> "
                    f"{item['png']}")
 
 
 @main.command("export-tflite")
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
-              help="Export folder (NAME/VERSION, or NAME for its newest) [default: the newest "
-              "export under ./saved_models].")
+@model_option
 @click.option("--quantize", default="none", show_default=True,
               type=click.Choice(["none", "dynamic", "float16", "int8"]),
               help="none: float32; dynamic: int8 weights; float16: float16 weights; int8: "
               "full integer, uint8 pixels in.")
-@click.option("--output-dir", type=click.Path(file_okay=False),
-              help="Folder for the files [default: EXPORT_ROOT/NAME/tflite/VERSION].")
+@output_dir_option("Folder for the files [default: EXPORT_DIR/NAME/tflite/VERSION].")
 @click.option("--calibration-data", type=click.Path(exists=True, file_okay=False),
               help="int8: calibrate on this folder of images instead of the training sample "
               "recorded in the export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file of this mode.")
 @_user_errors
-def export_tflite(model_path, quantize, output_dir, calibration_data, overwrite):
+def export_tflite(model_path, export_dir, quantize, output_dir, calibration_data, overwrite):
     """Convert an export's predict_images signature to a TFLite model for devices.
 
     Writes model-MODE.tflite, model-MODE.json (input dtype and quantisation, image size,
@@ -382,7 +437,8 @@ def export_tflite(model_path, quantize, output_dir, calibration_data, overwrite)
     from tlkit.tflite import export_tflite as run_export, read_tflite_metadata
 
     path = run_export(model_path, quantize=quantize, output_dir=output_dir,
-                      calibration_data=calibration_data, overwrite=overwrite)
+                      calibration_data=calibration_data, overwrite=overwrite,
+                      export_dir=export_dir)
     info = read_tflite_metadata(path)
     variables = info["source"]["variables_bytes"]
     click.echo(f"{path}\n{info['bytes'] / 1024:.1f} KiB, {info['bytes'] / variables:.0%} of "
@@ -391,17 +447,14 @@ def export_tflite(model_path, quantize, output_dir, calibration_data, overwrite)
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
-              help="Export folder [default: the newest export under ./saved_models].")
+@model_option
 @click.option("-k", "--top-k", default=3, show_default=True, type=click.IntRange(min=1),
               help="Also report top-k accuracy.")
-@click.option("--out", "output_dir", default=None, type=click.Path(file_okay=False),
-              help="Write metrics.json, confusion_matrix.png, reliability.png, mistakes.csv "
-              "and mistakes.png here.")
-@click.option("--format", "output_format", default="text", show_default=True,
-              type=click.Choice(["text", "json"]), help="Output format.")
+@output_dir_option("Write metrics.json, confusion_matrix.png, reliability.png, mistakes.csv "
+                   "and mistakes.png here.")
+@format_option(["table", "json"])
 @_user_errors
-def evaluate(data_dir, model_path, top_k, output_dir, output_format):
+def evaluate(data_dir, model_path, export_dir, top_k, output_dir, output_format):
     """Evaluate an export on a labelled folder (one subfolder per class).
 
     Accuracy, top-k accuracy, per-class precision/recall/F1, macro and weighted averages,
@@ -409,22 +462,21 @@ def evaluate(data_dir, model_path, top_k, output_dir, output_format):
 
     \b
     Example:
-      tlkit evaluate data/digits --out reports/digits
+      tlkit evaluate data/digits --output-dir reports/digits
       tlkit evaluate ./test_photos --model saved_models/photos/2 --format json
     """
     from tlkit.evaluate import evaluate_folder
 
-    report = evaluate_folder(data_dir, model_path, top_k=top_k, output_dir=output_dir)
+    report = evaluate_folder(data_dir, model_path, export_dir=export_dir, top_k=top_k,
+                             output_dir=output_dir)
     click.echo(json.dumps(report.to_dict(), indent=2) if output_format == "json"
                else report.to_text())
-    if output_dir and output_format == "text":
+    if output_dir and output_format == "table":
         click.echo(f"Reports written to {output_dir}")
 
 
 @main.command()
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False),
-              help="Export folder (NAME/VERSION, or NAME for its newest) [default: the newest "
-              "export under ./saved_models].")
+@model_option
 @click.option("--name", help="Model name in URLs and gRPC requests [default: the export's "
               "folder name].")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -442,7 +494,7 @@ def evaluate(data_dir, model_path, top_k, output_dir, output_format):
 @click.option("--max-request-bytes", default=32 * 1024 * 1024, show_default=True,
               type=click.IntRange(min=1024), help="Largest request body accepted.")
 @_user_errors
-def serve(model_path, name, host, port, grpc_port, no_grpc, max_batch_size, batch_timeout_ms,
+def serve(model_path, export_dir, name, host, port, grpc_port, no_grpc, max_batch_size, batch_timeout_ms,
           max_request_bytes):
     """Serve an export with TF Serving's REST and gRPC APIs (for teams without TF Serving).
 
@@ -469,7 +521,7 @@ def serve(model_path, name, host, port, grpc_port, no_grpc, max_batch_size, batc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
-    server = ModelServer(model_path, name=name, host=host, port=port,
+    server = ModelServer(model_path, export_dir=export_dir, name=name, host=host, port=port,
                          grpc_port=None if no_grpc else grpc_port,
                          max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
                          limits=ServeLimits(max_request_bytes=max_request_bytes)).start()
@@ -548,13 +600,8 @@ def cache():
     """
 
 
-_cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False),
-    help="The cache folder given to fit's --cache-dir [default: ~/.cache/tlkit].")
-
-
 @cache.command("info")
-@_cache_dir_option
+@_setting_option("cache_dir")
 def cache_info(cache_dir):
     """Show the feature cache's folder, entries and size."""
     from tlkit.features import FeatureCache
@@ -566,7 +613,7 @@ def cache_info(cache_dir):
 
 
 @cache.command("clear")
-@_cache_dir_option
+@_setting_option("cache_dir")
 def cache_clear(cache_dir):
     """Delete every cached feature file (they are recomputed when needed)."""
     from tlkit.features import FeatureCache

@@ -10,13 +10,19 @@ machine, and the resolved config is saved in the run folder, so `tlkit fit --con
 run/config.json` repeats the run; the settings that depend on the machine or the
 backbone (`REQUESTED`) are saved as asked too and read back as asked, so the re-run resolves
 them for its own machine.
+
+Each field is a `_setting`: its default, and in its metadata the help text, and where they
+differ from the field's name and its default, the CLI's flags (`"flags"`), what an `"auto"`
+or `None` default means (`"shown"`) and the allowed values (`"choices"`, the constants the
+validation checks). `tlkit fit` builds its options from these fields, so each default, choice
+list and help text is written once, here.
 """
 
 import dataclasses
 import difflib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from tlkit.errors import ConfigError
@@ -29,10 +35,24 @@ CACHE_MODES = ("auto", "memory", "disk")
 RESIZE_POLICIES = ("squash", "crop", "pad")
 DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
 JIT_MODES = ("auto", "on", "off")
+FLIP_CHOICES = ("auto", *FLIP_MODES)
+CLASS_WEIGHT_MODES = ("none", "auto")
 
 # Settings whose resolved value depends on the machine (a GPU's `jit="on"` compiles XLA on a
 # CPU, 3.8x slower) or the backbone: a saved config keeps them as asked, beside the resolved.
 REQUESTED = {"model": ("weights", "dropout"), "train": ("unfreeze", "distribute", "jit")}
+
+# Data-dependent defaults, chosen on benchmarks/transfer_real.py's validation photos; applied
+# by `tlkit.api.resolve_config`.
+PRETRAINED_BACKBONE = "mobilenet"  # what backbone="auto" trains when the images are big enough
+MIN_PRETRAINED_SIDE = 24  # images smaller than this (median shorter side) train from scratch
+MIN_PRETRAINED_INPUT = 96  # smallest input side given to a pretrained backbone
+
+
+def _setting(default, help, **cli):
+    """A dataclass field with `default`, its `help` text and the CLI's `flags`, `shown`
+    default and `choices` (see the module docstring) as metadata."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 def _paths_to_str(config, *names):
@@ -47,16 +67,26 @@ def _paths_to_str(config, *names):
 class DataConfig:
     """Where the images come from and how they become tensors."""
 
-    data_dir: str  # folder with one subfolder per class
-    val_split: float = 0.2  # fraction of each class held out for validation
-    test_split: float = 0.0  # fraction of each class held out as a test set, never trained on
-    val_dir: str | None = None  # explicit validation folder (same classes); replaces val_split
-    image_size: int | str = "auto"  # side of the square model input; "auto": the backbone's
-    resize: str = "squash"  # squash | crop | pad: how an image becomes a square
-    batch_size: int = 32  # images per training step
-    cache: str = "auto"  # where decoded images live: memory | disk | auto (by size vs RAM)
-    cache_dir: str | None = None  # disk cache folder; None: ~/.cache/tlkit
-    workers: int = 0  # decoding threads; 0: one per CPU core
+    data_dir: str = _setting(MISSING, "Folder with one subfolder per class.", flags=())
+    val_split: float = _setting(0.2, "Fraction of each class held out for validation.")
+    test_split: float = _setting(0.0, "Fraction of each class held out as a test set, never "
+                                 "trained on, reported separately.")
+    val_dir: str | None = _setting(None, "A separate validation folder with the same classes, "
+                                   "instead of a validation split.",
+                                   shown="none: a split of the data folder")
+    image_size: int | str = _setting("auto", "Side of the square model input in pixels.",
+                                     shown="auto: the images' side rounded up, within 16 and 32 "
+                                     "for scratch, 32 for lenet5, within "
+                                     f"{MIN_PRETRAINED_INPUT} px and the backbone's default "
+                                     "for a pretrained one")
+    resize: str = _setting("squash", "How an image becomes a square: stretch (squash), "
+                           "centre-crop (crop) or pad.", choices=RESIZE_POLICIES)
+    batch_size: int = _setting(32, "Images per training step.")
+    cache: str = _setting("auto", "Where decoded images are kept.", choices=CACHE_MODES,
+                          shown="auto: memory if they fit in the available RAM, else disk")
+    cache_dir: str | None = _setting(None, "Folder of the disk cache and the feature cache.",
+                                     shown="~/.cache/tlkit")
+    workers: int = _setting(0, "Image decoding threads; 0: one per CPU core.")
 
     def __post_init__(self):
         _paths_to_str(self, "data_dir", "val_dir", "cache_dir")
@@ -86,14 +116,22 @@ class DataConfig:
 class ModelConfig:
     """Which network is built: backbone, head and training-time augmentation."""
 
-    backbone: str = "auto"  # a name from `tlkit backbones`; "auto": by image size
-    weights: str = "auto"  # "imagenet" | "none" | a weights file; "auto": imagenet if it has them
-    init_from: str | None = None  # continue a tlkit run folder / model.keras (new classes ok)
-    train_bn: bool = False  # let BatchNorm layers of unfrozen groups train (default: frozen)
-    dropout: float | str = "auto"  # head dropout rate; "auto": the backbone's default
-    augment: str = "standard"  # none | light | standard | heavy (see tlkit.augment)
-    flip: str = "auto"  # none | horizontal | vertical | horizontal_and_vertical; "auto":
-    # horizontal, or none with augment="none"
+    backbone: str = _setting("auto", "Network: scratch, lenet5, vgg16, resnet50, mobilenet_v2, "
+                             "efficientnet_b0, ...; see `tlkit backbones`.",
+                             shown=f"auto: {PRETRAINED_BACKBONE} for images of "
+                             f"{MIN_PRETRAINED_SIDE} px and more, else scratch")
+    weights: str = _setting("auto", "Backbone weights: imagenet, none (random, every layer "
+                            "trains), or a weights file (e.g. a run's backbone.weights.h5).",
+                            shown="auto: imagenet if the backbone has them, else none")
+    init_from: str | None = _setting(None, "Continue a tlkit run folder or model.keras; new "
+                                     "class folders are added.", shown="none: a new network")
+    train_bn: bool = _setting(False, "Let BatchNorm layers of unfrozen groups train (off: "
+                              "frozen, in inference mode).", flags=("--train-bn/--freeze-bn",))
+    dropout: float | str = _setting("auto", "Head dropout rate.", shown="auto: the backbone's")
+    augment: str = _setting("standard", "Augmentation preset, used in training only (see "
+                            "tlkit.augment).", choices=AUGMENT_PRESETS)
+    flip: str = _setting("auto", "Random flips in training; none for digits and text.",
+                         choices=FLIP_CHOICES, shown="auto: horizontal, none with augment none")
 
     @property
     def pretrained(self):
@@ -117,33 +155,55 @@ class ModelConfig:
         if self.dropout != "auto":
             check_number("dropout", self.dropout, 0.0, 0.95)
         check_choice("augment", self.augment, AUGMENT_PRESETS)
-        check_choice("flip", self.flip, ("auto", *FLIP_MODES))
+        check_choice("flip", self.flip, FLIP_CHOICES)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How the network is trained."""
 
-    epochs: int = 30  # most epochs of the first stage; early stopping usually ends sooner
-    learning_rate: float = 1e-3  # Adam's learning rate in the first stage
-    patience: int = 5  # epochs without a better val_loss before a stage stops
-    unfreeze: int | str = "auto"  # groups unfrozen after the head stage; "auto": 1 if pretrained
-    fine_tune_epochs: int | None = None  # most epochs per unfreezing stage; None: `epochs`;
-    # 0: no fine-tuning (the head only)
-    stages: str | None = None  # explicit schedule "head:5@1e-3,block5:3@1e-4"; overrides above
-    class_weight: str = "none"  # "auto": weight the loss by inverse class frequency
-    feature_cache: bool = True  # frozen-backbone stages train the head on cached features
-    fine_tune_cache: bool = False  # unfreezing stages train on cached activations of the
-    # layers below their groups (the head stage's views), when those fit in memory: faster,
-    # but fixed views overfit (transfer_real --tune: 0.650 vs 0.773 at N=10, 0.770 vs 0.803)
-    cached_views: int | str = 1  # augmented views per image (transfer_real --tune); "auto": 1
-    feature_cache_gb: float = 5.0  # size cap of the feature cache folder
-    tensorboard: bool = False  # write TensorBoard logs to <run folder>/tensorboard
-    steps_per_execution: int = 8  # train steps per call into the graph (benchmarks/jit.py)
-    distribute: str = "auto"  # none | mirrored (this machine's GPUs) | multi-worker (TF_CONFIG)
-    mixed_precision: bool = False  # compute in float16 (GPU) or bfloat16 (CPU); output float32
-    jit: str = "auto"  # XLA for the train step: on | off; "auto": on with a GPU, unless distributed
-    verbose: int = 1  # 0: silent, 1: progress bars, 2: one line per epoch
+    epochs: int = _setting(30, "Most epochs of the first stage (the head, or everything when "
+                           "training from scratch); early stopping usually ends sooner.")
+    learning_rate: float = _setting(1e-3, "Adam's learning rate in the first stage.",
+                                    flags=("--learning-rate", "--lr"))
+    patience: int = _setting(5, "Epochs without a better val_loss before a stage stops.")
+    unfreeze: int | str = _setting("auto", "Backbone groups unfrozen after the head stage, one "
+                                   "stage each, at a 10x lower learning rate per stage.",
+                                   shown="auto: 1 when pretrained, else 0")
+    fine_tune_epochs: int | None = _setting(None, "Most epochs per unfreezing stage; 0: no "
+                                            "fine-tuning (the head only).", shown="as epochs")
+    stages: str | None = _setting(None, "Explicit schedule, e.g. 'head:5@1e-3,block5:3@1e-4' "
+                                  "(TARGET:EPOCHS@LR; TARGET is head, all or a group); "
+                                  "overrides epochs, unfreeze and fine-tune epochs.",
+                                  shown="none: made from those")
+    class_weight: str = _setting("none", "auto: weight the loss by inverse class frequency.",
+                                 choices=CLASS_WEIGHT_MODES)
+    feature_cache: bool = _setting(True, "Train the head on cached backbone features while the "
+                                   "backbone is frozen.")
+    # transfer_real --tune: 0.650 vs 0.773 at N=10, 0.770 vs 0.803 (fixed views overfit)
+    fine_tune_cache: bool = _setting(False, "Train unfreezing stages on cached activations of "
+                                     "the frozen layers below them (the head stage's views), "
+                                     "when they fit in memory: faster per epoch, but the fixed "
+                                     "augmented views overfit small sets.")
+    cached_views: int | str = _setting(1, "Augmented views per image in the feature cache "
+                                       "(benchmarks/transfer_real.py --tune; 'auto' in older "
+                                       "run configs means 1).")
+    feature_cache_gb: float = _setting(5.0, "Size cap of the feature cache folder, in GiB.")
+    tensorboard: bool = _setting(False, "Write TensorBoard logs to the run folder's "
+                                 "tensorboard/ (needs pip install tensorboard).")
+    steps_per_execution: int = _setting(8, "Train steps per call into the graph: the same "
+                                        "results, fewer Python round trips (benchmarks/jit.py).")
+    distribute: str = _setting("auto", "tf.distribute strategy: mirrored (this machine's GPUs), "
+                               "multi-worker (the machines in TF_CONFIG).",
+                               choices=DISTRIBUTE_MODES, shown="auto: multi-worker if TF_CONFIG "
+                               "lists several workers, else mirrored with several GPUs, else none")
+    mixed_precision: bool = _setting(False, "Compute in float16 (GPU) or bfloat16 (CPUs that "
+                                     "have it); variables, output layer and loss stay float32.")
+    jit: str = _setting("auto", "XLA for the train step.", choices=JIT_MODES,
+                        shown="auto: on with a GPU and no strategy, off on CPU, where it "
+                        "measured 3.8x slower")
+    verbose: int = _setting(1, "0: silent, 1: progress bars, 2: one line per epoch.",
+                            flags=())  # the CLI's -q/--quiet sets 0
 
     def __post_init__(self):
         check_number("epochs", self.epochs, 1, integer=True)
@@ -159,7 +219,7 @@ class TrainConfig:
                     f"Received: fine_tune_epochs=0, unfreeze={self.unfreeze!r}")
         if self.stages is not None:
             parse_stages(self.stages)
-        check_choice("class_weight", self.class_weight, ("none", "auto"))
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHT_MODES)
         check_bool("tensorboard", self.tensorboard)
         check_bool("feature_cache", self.feature_cache)
         check_bool("fine_tune_cache", self.fine_tune_cache)
@@ -177,11 +237,13 @@ class TrainConfig:
 class ExportConfig:
     """Where the run folder and the SavedModel go."""
 
-    export_dir: str = "saved_models"  # export root: <export_dir>/<name>/<version>/
-    name: str = "auto"  # model name; "auto": the data folder's name
-    version: int | None = None  # None: the next free integer; an existing one is refused
-    overwrite: bool = False  # replace an existing `version` (atomically, once verified)
-    runs_dir: str = "runs"  # run folders: <runs_dir>/<name>/<timestamp>/
+    export_dir: str = _setting("saved_models", "Export root: EXPORT_DIR/NAME/VERSION/.")
+    name: str = _setting("auto", "Model name.", shown="auto: the data folder's name")
+    version: int | None = _setting(None, "Export version; an existing one is refused unless "
+                                   "overwrite is on.", shown="the next free integer")
+    overwrite: bool = _setting(False, "Replace an existing version (the new export is complete "
+                               "and verified before the old one goes).")
+    runs_dir: str = _setting("runs", "Where run folders go: RUNS_DIR/NAME/TIMESTAMP/.")
 
     def __post_init__(self):
         _paths_to_str(self, "export_dir", "runs_dir")
@@ -203,7 +265,8 @@ class FitConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    seed: int = 42  # one seed for the split, initial weights, shuffling and augmentation
+    seed: int = _setting(42, "One seed for the split, initial weights, shuffling and "
+                         "augmentation.")
 
     def __post_init__(self):
         check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
