@@ -61,9 +61,9 @@ def test_fit_with_class_weight_auto_weighs_the_loss_by_its_training_split(image_
     write_image_folder(folder, classes=("a",), per_class=12, seed=1)  # 12 a, 4 b
     given = []
 
-    def spy(*args, **kwargs):
-        given.append(kwargs["sample_weights"])
-        return run_schedule(*args, **kwargs)
+    def spy(model, groups, stages, train_ds, val_ds, settings, *args, **kwargs):
+        given.append(settings.sample_weights)
+        return run_schedule(model, groups, stages, train_ds, val_ds, settings, *args, **kwargs)
 
     monkeypatch.setattr(api, "run_schedule", spy)
     for class_weight in ("auto", "none"):

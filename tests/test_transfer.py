@@ -14,9 +14,10 @@ from tlkit.export import export_classifier
 from tlkit.models import build_backbone, build_classifier, extend_classifier
 from tlkit.api import resolve_config
 from tlkit.schedule import ALL, HEAD, Stage, parse_stages, plan_stages
-from tlkit.training import run_schedule, set_trainable
+from tlkit.training import ScheduleSettings, run_schedule, set_trainable
 
 PRETRAINED = [n for n in list_backbones() if get_backbone(n).imagenet]
+QUIET = ScheduleSettings(verbose=0)
 
 
 def tiny_dataset(size=32, n=16, classes=2, seed=0):
@@ -107,14 +108,14 @@ def test_frozen_batchnorm_keeps_its_statistics_and_train_bn_updates_them():
     groups = unfreeze_groups(get_backbone("resnet50"), model.get_layer("backbone"))
     bn = model.get_layer("backbone").get_layer("conv5_block3_3_bn")
     before = [v.numpy() for v in (bn.moving_mean, bn.moving_variance, bn.gamma)]
-    run_schedule(model, groups, [Stage("conv5", 1, 1e-3)], dataset, dataset, verbose=0)
+    run_schedule(model, groups, [Stage("conv5", 1, 1e-3)], dataset, dataset, QUIET)
     after = [v.numpy() for v in (bn.moving_mean, bn.moving_variance, bn.gamma)]
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)
     conv = model.get_layer("backbone").get_layer("conv5_block3_3_conv")
     kernel = conv.kernel.numpy()
     run_schedule(model, groups, [Stage("conv5", 1, 1e-3)], dataset, dataset,
-                 freeze_batchnorm=False, verbose=0)
+                 ScheduleSettings(freeze_batchnorm=False, verbose=0))
     assert not np.array_equal(bn.moving_mean.numpy(), after[0])
     assert not np.array_equal(conv.kernel.numpy(), kernel)
 
@@ -243,7 +244,7 @@ def test_a_worse_stage_is_rolled_back():
         keras.utils.set_random_seed(3)
         model = build_classifier("scratch", 2, 32)
         groups = unfreeze_groups(get_backbone("scratch"), model.get_layer("backbone"))
-        return model, run_schedule(model, groups, stages, dataset, dataset, verbose=0)
+        return model, run_schedule(model, groups, stages, dataset, dataset, QUIET)
 
     first_only, first = schedule(stages[:1])
     model, results = schedule(stages)
@@ -265,7 +266,7 @@ def test_a_stage_whose_every_val_loss_is_nan_is_rolled_back():
     before = [np.array(w) for w in model.get_weights()]
     with pytest.warns(RuntimeWarning, match="diverged"):
         (result,) = run_schedule(model, groups, [Stage(ALL, 2, 1e-3)], dataset, nan_val,
-                                 verbose=0)
+                                 QUIET)
     assert result.diverged and result.rolled_back and result.best == {}
     assert len(result.history) == 2 and all(np.isnan(h["val_loss"]) for h in result.history)
     for kept, now in zip(before, model.get_weights()):

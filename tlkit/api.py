@@ -44,7 +44,8 @@ from tlkit.models import (build_backbone, build_classifier, describe_keras_file,
                           predict_probabilities)
 from tlkit.plots import plot_history
 from tlkit.schedule import ALL, HEAD, parse_stages, plan_stages
-from tlkit.training import adapt_batchnorm_momentum, probability_metrics, run_schedule
+from tlkit.training import (ScheduleCallbacks, ScheduleSettings, adapt_batchnorm_momentum,
+                            probability_metrics, run_schedule)
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 
@@ -74,7 +75,7 @@ def fit(data_dir=None, *, config=None, resume=None, on_batch_end=None, **options
         resume: a run folder of an interrupted run: continue it with its own settings
             (only `verbose` may be given with it).
         on_batch_end: called as `on_batch_end(stage, epoch, batch)` after every training
-            batch (see `tlkit.training.run_schedule`), for example to report progress or
+            batch (see `tlkit.training.ScheduleCallbacks`), for example to report progress or
             to stop the run by raising `KeyboardInterrupt`.
         **options: any setting of `tlkit.config` by field name, for example
             `backbone="lenet5"`, `image_size=32`, `epochs=10`, `val_split=0.2`,
@@ -244,20 +245,20 @@ def _train(run, model, spec, on_batch_end):
     weights = None
     if config.train.class_weight == "auto":
         weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
+    settings = ScheduleSettings(
+        patience=config.train.patience,
+        freeze_batchnorm=pretrained and not config.model.train_bn,
+        sample_weights=weights, verbose=run.verbose,
+        steps_per_execution=config.train.steps_per_execution,
+        jit_compile=config.train.jit == "on", strategy=cluster.strategy,
+        checkpoint_dir=run.own_dir, keep_previous_state=cluster.workers > 1)
+    callbacks = _FitCallbacks(
+        _feature_inputs(config, spec, trained, data, run.verbose, run.clock),
+        _tensorboard(config, run.dir) if cluster.is_chief else None, on_batch_end)
     try:
         with failures(cluster, run.dir), run.clock.step("epochs"):
-            results = run_schedule(
-                trained, groups, stages, train_ds, val_ds, patience=config.train.patience,
-                freeze_batchnorm=pretrained and not config.model.train_bn,
-                sample_weights=weights, verbose=run.verbose, checkpoint_dir=run.own_dir,
-                resume=run.state,
-                epoch_callback=_tensorboard(config, run.dir) if cluster.is_chief else None,
-                steps_per_execution=config.train.steps_per_execution,
-                jit_compile=config.train.jit == "on", strategy=cluster.strategy,
-                keep_previous_state=cluster.workers > 1,
-                stage_inputs=_feature_inputs(config, spec, trained, data, run.verbose,
-                                             run.clock),
-                on_batch_end=on_batch_end)
+            results = run_schedule(trained, groups, stages, train_ds, val_ds, settings,
+                                   callbacks, resume=run.state)
     except KeyboardInterrupt:
         raise Interrupted(
             "Training interrupted; every completed epoch is saved in "
@@ -266,6 +267,25 @@ def _train(run, model, spec, on_batch_end):
     if trained is not model:  # a plain float32 copy evaluates and exports
         model = copy_classifier(trained)
     return results, model
+
+
+class _FitCallbacks(ScheduleCallbacks):
+    """fit's hooks into the schedule: cached features as stage inputs, TensorBoard after
+    each epoch, the caller's `on_batch_end`; each may be None."""
+
+    def __init__(self, inputs, epoch_end, batch_end):
+        self._inputs, self._epoch_end, self._batch_end = inputs, epoch_end, batch_end
+
+    def stage_inputs(self, stage):
+        return self._inputs(stage) if self._inputs is not None else None
+
+    def on_epoch_end(self, logs):
+        if self._epoch_end is not None:
+            self._epoch_end(logs)
+
+    def on_batch_end(self, stage, epoch, batch):
+        if self._batch_end is not None:
+            self._batch_end(stage, epoch, batch)
 
 
 def _worker_done(run, model, history):

@@ -10,6 +10,7 @@ on one device or many (`tlkit.distribute`). Progress uses Keras's `Progbar`.
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -398,11 +399,43 @@ def _leaf_layers(model):
             yield layer
 
 
-def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
-                 freeze_batchnorm=True, sample_weights=None, verbose=1, checkpoint_dir=None,
-                 resume=None, epoch_callback=None, stage_inputs=None,
-                 steps_per_execution=1, jit_compile=False, strategy=None,
-                 keep_previous_state=False, on_batch_end=None):
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """How `run_schedule` trains each stage: one object instead of a dozen keywords."""
+
+    patience: int = 5  # early-stopping patience per stage
+    freeze_batchnorm: bool = True  # BatchNorm stays frozen in unfrozen groups (`set_trainable`)
+    sample_weights: object = None  # per-class loss weights, or None
+    verbose: int = 1  # 0 silent, 1 progress bars, 2 one line per epoch
+    steps_per_execution: int = 1  # train steps per call into the graph (see `Trainer`)
+    jit_compile: bool = False  # XLA for the forward and backward pass (see `Trainer`)
+    strategy: object = None  # the `tf.distribute.Strategy` the model was built under
+    checkpoint_dir: object = None  # run state saved there after every epoch (`tlkit.checkpoint`)
+    keep_previous_state: bool = False  # also keep the epoch before (multi-worker runs)
+
+
+class ScheduleCallbacks:
+    """The hooks of `run_schedule`; subclass and override the ones you need (each default
+    does nothing)."""
+
+    def stage_inputs(self, stage):
+        """Called with a `Stage` after its layers are frozen; may return `(model, train_ds,
+        val_ds)` to train that stage on other inputs (the head on cached features,
+        `tlkit.features`), or None for the schedule's model and datasets."""
+        return None
+
+    def on_epoch_end(self, logs):
+        """Called with each epoch's logs (with `stage_index` and `step`, the epoch's number
+        over all stages), after its state is saved; e.g. to write TensorBoard summaries."""
+
+    def on_batch_end(self, stage, epoch, batch):
+        """Called after every training batch with the stage's target, the epoch and the
+        batch (1-based); e.g. to report progress, or to stop by raising
+        `KeyboardInterrupt`."""
+
+
+def run_schedule(model, groups, stages, train_ds, val_ds, settings=None, callbacks=None,
+                 resume=None):
     """Runs a staged schedule on `model`: freeze, train with early stopping, roll back.
 
     Each stage sets the trainable layers (`set_trainable`), trains with a new optimizer at its
@@ -416,29 +449,22 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         stages: a sequence of `Stage`.
         train_ds: training batches.
         val_ds: validation batches.
-        patience: early-stopping patience per stage.
-        freeze_batchnorm: see `set_trainable`.
-        sample_weights: optional per-class loss weights.
-        verbose: 0 silent, 1 progress bars, 2 one line per epoch.
-        checkpoint_dir: if given, the run state is saved there after every epoch
-            (`tlkit.checkpoint`), so the run can resume after a crash or a kill.
+        settings: a `ScheduleSettings`; None: its defaults.
+        callbacks: a `ScheduleCallbacks`; None: no hooks.
         resume: a `tlkit.checkpoint.RunState` to continue from.
-        epoch_callback: called with each epoch's logs (and its `step`, the epoch's number
-            over all stages) after the epoch, for example to write TensorBoard summaries.
-        steps_per_execution: train steps per call into the graph (see `Trainer`).
-        jit_compile: XLA for the forward and backward pass (see `Trainer`).
-        strategy: the `tf.distribute.Strategy` `model` was built under (see `Trainer`).
-        keep_previous_state: also keep the state of the epoch before (multi-worker runs,
-            see `tlkit.checkpoint`).
-        stage_inputs: called with a `Stage` after its layers are frozen; may return
-            `(model, train_ds, val_ds)` to train that stage on other inputs (the head on
-            cached features, `tlkit.features`), or None for `model` on the datasets.
-        on_batch_end: called as `on_batch_end(stage_target, epoch, batch)` after every
-            training batch (see `Trainer.train_stage`).
 
     Returns:
         A list of `StageResult`, one per stage.
+
+    Example:
+
+    >>> settings = ScheduleSettings(patience=3, verbose=0)
+    >>> results = run_schedule(model, groups, parse_stages("head:5@1e-3,all:5@1e-4"),
+    ...                        train_ds, val_ds, settings)
     """
+    settings = settings or ScheduleSettings()
+    callbacks = callbacks or ScheduleCallbacks()
+    verbose = settings.verbose
     if resume is not None:
         results, best, best_weights = list(resume.finished), resume.best, resume.rollback_weights
         model.set_weights(resume.current_weights)
@@ -449,33 +475,35 @@ def run_schedule(model, groups, stages, train_ds, val_ds, *, patience=5,
         results, best, best_weights = [], math.inf, None
 
     def save(index, progress):
-        if epoch_callback is not None and progress.history:
+        if settings.checkpoint_dir is not None:
+            save_state(settings.checkpoint_dir, RunState(index, results, best, best_weights,
+                                                         progress, model.get_weights()),
+                       settings.keep_previous_state)
+        if progress.history:
             done = sum(len(r.history) for r in results)
-            epoch_callback({**progress.history[-1], "stage_index": index,
-                            "step": done + progress.epoch})
-        if checkpoint_dir is not None:
-            save_state(checkpoint_dir, RunState(index, results, best, best_weights, progress,
-                                                model.get_weights()), keep_previous_state)
+            callbacks.on_epoch_end({**progress.history[-1], "stage_index": index,
+                                    "step": done + progress.epoch})
 
     for index, stage in enumerate(stages):
         if index < len(results):
             continue
-        unfrozen = set_trainable(model, groups, stage.target, freeze_batchnorm)
+        unfrozen = set_trainable(model, groups, stage.target, settings.freeze_batchnorm)
         if verbose:
             trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
             print(f"[{stage.target}] stage {stage}: unfrozen groups {unfrozen or 'none'}, "
                   f"{trainable:,} trainable parameters")
         progress = resume.stage if resume is not None and index == resume.stage_index else None
-        inputs = stage_inputs(stage) if stage_inputs is not None else None
-        trained, stage_train, stage_val = inputs or (model, train_ds, val_ds)
+        trained, stage_train, stage_val = (callbacks.stage_inputs(stage)
+                                           or (model, train_ds, val_ds))
         before = best_weights if best_weights is not None else model.get_weights()
-        trainer = Trainer(trained, verbose=verbose, jit_compile=jit_compile,
-                          steps_per_execution=steps_per_execution, strategy=strategy)
+        trainer = Trainer(trained, verbose=verbose, jit_compile=settings.jit_compile,
+                          steps_per_execution=settings.steps_per_execution,
+                          strategy=settings.strategy)
         result = trainer.train_stage(
             stage_train, stage_val, epochs=stage.epochs, learning_rate=stage.learning_rate,
-            patience=patience, name=stage.target, sample_weights=sample_weights,
-            resume=progress, on_epoch_end=lambda p, i=index: save(i, p),
-            on_batch_end=on_batch_end)
+            patience=settings.patience, name=stage.target,
+            sample_weights=settings.sample_weights, resume=progress,
+            on_epoch_end=lambda p, i=index: save(i, p), on_batch_end=callbacks.on_batch_end)
         if not result.best:  # no epoch had a val_loss to compare: NaN throughout
             model.set_weights(before)
             result.rolled_back = result.diverged = True
