@@ -369,8 +369,8 @@ def build_config(base=None, **options):
         hints = [f"{name!r}: did you mean {close[0]!r}?" for name in unknown
                  if (close := [_ALIASES[name]] if name in _ALIASES else
                      difflib.get_close_matches(name, known, n=1, cutoff=0.6))]
-        raise ConfigError(f"Unknown option(s) {unknown}. " + " ".join(hints)
-                          + f" Known options: {known}.")
+        listing = "" if len(hints) == len(unknown) else f" Known options: {known}."
+        raise ConfigError(f"Unknown option(s) {unknown}. " + " ".join(hints) + listing)
     values = base.to_dict() if base is not None else {}
     for key, value in options.items():
         if key == "seed":

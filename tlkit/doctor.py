@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from tlkit import images as image_ops
-from tlkit.config import DataConfig
+from tlkit.config import DataConfig, FitConfig
 from tlkit.data import SPLITS, scan_folder, split_usable
 from tlkit.errors import ConfigError, ImageError
 from tlkit.validation import check_choice, check_number
@@ -191,7 +191,8 @@ class DoctorReport:
         return lines
 
 
-def diagnose(data_dir, val_split=0.2, test_split=0.0, seed=42, workers=0,
+def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.test_split,
+             seed=FitConfig.seed, workers=DataConfig.workers,
              max_pixels=image_ops.DEFAULT_MAX_PIXELS, min_size=16, near_duplicates=True,
              verbose=1):
     """Checks every image file of a data folder the way `tlkit fit` would read it.
