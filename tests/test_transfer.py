@@ -104,17 +104,17 @@ def test_trainable_weights_per_stage_follow_the_schedule(name):
 
 def test_frozen_batchnorm_keeps_its_statistics_and_train_bn_updates_them():
     dataset, _, _ = tiny_dataset()
-    model = build_classifier("resnet50", 2, 32, weights="none")
-    groups = unfreeze_groups(get_backbone("resnet50"), model.get_layer("backbone"))
-    bn = model.get_layer("backbone").get_layer("conv5_block3_3_bn")
+    model = build_classifier("mobilenet_v2", 2, 32, weights="none")
+    groups = unfreeze_groups(get_backbone("mobilenet_v2"), model.get_layer("backbone"))
+    bn = model.get_layer("backbone").get_layer("Conv_1_bn")
     before = [v.numpy() for v in (bn.moving_mean, bn.moving_variance, bn.gamma)]
-    run_schedule(model, groups, [Stage("conv5", 1, 1e-3)], dataset, dataset, QUIET)
+    run_schedule(model, groups, [Stage("block16", 1, 1e-3)], dataset, dataset, QUIET)
     after = [v.numpy() for v in (bn.moving_mean, bn.moving_variance, bn.gamma)]
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)
-    conv = model.get_layer("backbone").get_layer("conv5_block3_3_conv")
+    conv = model.get_layer("backbone").get_layer("Conv_1")
     kernel = conv.kernel.numpy()
-    run_schedule(model, groups, [Stage("conv5", 1, 1e-3)], dataset, dataset,
+    run_schedule(model, groups, [Stage("block16", 1, 1e-3)], dataset, dataset,
                  ScheduleSettings(freeze_batchnorm=False, verbose=0))
     assert not np.array_equal(bn.moving_mean.numpy(), after[0])
     assert not np.array_equal(conv.kernel.numpy(), kernel)
