@@ -140,7 +140,7 @@ class _Run:
     cluster: object  # tlkit.distribute's cluster: strategy, workers, chief
     policy: object  # the Keras dtype policy of training
     clock: "_Clock"
-    dir: Path | None = None  # the run folder (given when resuming)
+    dir: Path | None = None  # the run folder: given when resuming, else made by _open_run
     own_dir: Path | None = None  # this worker's folder in it (the run folder on the chief)
     state: object = None  # a resume point (tlkit.checkpoint.RunState) or None
     data: object = None  # tlkit.data.ImageData
