@@ -49,6 +49,7 @@ CHOICES = {"resize": tlkit_config.RESIZE_POLICIES, "cache": tlkit_config.CACHE_M
 
 # A value other than the default for every setting with a flag: (flag arguments, expected).
 SAMPLES = {
+    "labels": (["--labels", "{file}"], "{file}"),
     "val_split": (["--val-split", "0.3"], 0.3),
     "test_split": (["--test-split", "0.1"], 0.1),
     "val_dir": (["--val-dir", "{folder}"], "{folder}"),
@@ -170,8 +171,11 @@ def test_each_flag_sets_its_setting(fit_calls, tmp_path, name):
     args, expected = SAMPLES[name]
     folder = tmp_path / "folder"
     folder.mkdir()
-    args = [a.format(folder=folder) for a in args]
-    expected = expected.format(folder=folder) if isinstance(expected, str) else expected
+    file = tmp_path / "labels.csv"
+    file.write_text("path,label\n")
+    args = [a.format(folder=folder, file=file) for a in args]
+    expected = expected.format(folder=folder, file=file) if isinstance(expected, str) \
+        else expected
     section, field = FIELDS[name]
     assert expected != field.default
     config = fit_calls(tmp_path, *args)

@@ -198,7 +198,8 @@ def _load_data(run):
             f"{len(leaks)} near-duplicate image pair(s) straddle the splits (e.g. "
             f"{leaks[0][0]} in {leaks[0][1]} and {leaks[0][2]} in {leaks[0][3]}): "
             "validation and test scores may be optimistic. `tlkit doctor "
-            f"{config.data.data_dir}` lists them.")
+            f"{config.data.data_dir}"
+            f"{' --labels ' + config.data.labels if config.data.labels else ''}` lists them.")
     if run.verbose:
         print(data.summary())
     return data
@@ -558,7 +559,7 @@ def _survey(config):
     if model.init_from is not None or "auto" not in (model.backbone, data.image_size):
         return None
     try:
-        return survey_folder(data.data_dir)
+        return survey_folder(data.data_dir, labels=data.labels)
     except DataError:
         return None
 
@@ -596,7 +597,7 @@ def _open_run_folder(cluster, config, requested, data, run_dir, state):
     return run_dir, own_dir, None
 
 
-_PER_HOST = {"data": ("data_dir", "val_dir", "cache", "cache_dir", "workers"),
+_PER_HOST = {"data": ("data_dir", "labels", "val_dir", "cache", "cache_dir", "workers"),
              "model": ("weights", "init_from"), "train": ("verbose", "tensorboard")}
 
 
@@ -733,9 +734,7 @@ def _model_card(config, data, schedule, evaluation):
         "",
         "## Data",
         "",
-        f"Folder `{config.data.data_dir}`, split with seed {config.seed} "
-        f"(val {config.data.val_split}, test {config.data.test_split}"
-        f"{', validation folder ' + config.data.val_dir if config.data.val_dir else ''}); "
+        f"Folder `{config.data.data_dir}`, {_split_description(config, data.fixed_split)}; "
         f"{len(data.skipped)} file(s) skipped as unreadable.",
         "",
         "| class | " + " | ".join(data.splits) + " |",
@@ -775,6 +774,17 @@ def _model_card(config, data, schedule, evaluation):
         "",
     ]
     return "\n".join(lines)
+
+
+def _split_description(config, fixed):
+    """How the run's data was labelled and split, for the model card."""
+    data = config.data
+    if data.labels and fixed:
+        return f"labels and split from `{data.labels}`"
+    labelled = f"labels from `{data.labels}`, " if data.labels else ""
+    folder = f", validation folder {data.val_dir}" if data.val_dir else ""
+    return (f"{labelled}split with seed {config.seed} (val {data.val_split}, test "
+            f"{data.test_split}{folder})")
 
 
 def _calibration_sample(split, seed):

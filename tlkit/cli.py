@@ -68,7 +68,8 @@ def _as_flags(message, command):
 # --- Options made from the config's fields ------------------------------------------------
 
 # The settings that name files or folders, as the CLI checks them (the config holds strings).
-_PATHS = {"val_dir": click.Path(exists=True, file_okay=False),
+_PATHS = {"labels": click.Path(exists=True, dir_okay=False),
+          "val_dir": click.Path(exists=True, file_okay=False),
           "init_from": click.Path(exists=True),
           "cache_dir": click.Path(file_okay=False),
           "export_dir": click.Path(file_okay=False),
@@ -234,7 +235,8 @@ def main(verbose):
 @_setting_options
 @_user_errors
 def fit(data_dir, config_file, quiet, resume, **options):
-    """Train a classifier on DATA_DIR (one subfolder per class) and export it.
+    """Train a classifier on DATA_DIR (one subfolder per class, or a --labels CSV) and
+    export it.
 
     Loads and checks every image (bad files are skipped and listed), splits each class
     into train/validation (and test), trains with early stopping, writes a run folder
@@ -252,6 +254,7 @@ def fit(data_dir, config_file, quiet, resume, **options):
       tlkit fit ./photos --backbone resnet50 --unfreeze 2 --fine-tune-epochs 5
       tlkit fit ./photos --backbone vgg16 --stages "head:5@1e-3,block5:3@1e-4"
       tlkit fit ./photos --backbone resnet50 --weights none --image-size 128
+      tlkit fit ./photos --labels ./photos/labels.csv   # path,label[,split] rows
       tlkit fit ./more_photos --init-from runs/photos/20250101-120000
       tlkit fit --config runs/digits/20250101-120000/config.json
       tlkit fit --resume runs/digits/20250101-120000
@@ -338,6 +341,7 @@ _PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@_setting_option("labels")
 @_setting_option("val_split", with_default=True)
 @_setting_option("test_split", with_default=True)
 @_setting_option("seed", with_default=True)
@@ -349,7 +353,7 @@ _PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
               help="Move every file fit would skip into this folder (never deletes).")
 @format_option(["table", "json"])
 @_user_errors
-def doctor(data_dir, val_split, test_split, seed, min_size, no_near_duplicates,
+def doctor(data_dir, labels, val_split, test_split, seed, min_size, no_near_duplicates,
            quarantine_dir, output_format):
     """Check every image of DATA_DIR before training: what is broken, odd or leaking.
 
@@ -364,11 +368,13 @@ def doctor(data_dir, val_split, test_split, seed, min_size, no_near_duplicates,
     Example:
       tlkit doctor data/digits --min-size 8
       tlkit doctor ./photos --quarantine ./photos_rejected --format json
+      tlkit doctor ./photos --labels ./photos/labels.csv
     """
     from tlkit.doctor import diagnose, quarantine
 
     verbose = 0 if output_format == "json" else 1
-    report = diagnose(data_dir, val_split=val_split, test_split=test_split, seed=seed,
+    report = diagnose(data_dir, labels=labels, val_split=val_split, test_split=test_split,
+                      seed=seed,
                       min_size=min_size, near_duplicates=not no_near_duplicates,
                       verbose=verbose)
     moved = quarantine(report, quarantine_dir) if quarantine_dir else []
@@ -447,6 +453,7 @@ def export_tflite(model_path, export_dir, quantize, output_dir, calibration_data
 
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@_setting_option("labels")
 @model_option
 @click.option("-k", "--top-k", default=3, show_default=True, type=click.IntRange(min=1),
               help="Also report top-k accuracy.")
@@ -454,8 +461,9 @@ def export_tflite(model_path, export_dir, quantize, output_dir, calibration_data
                    "and mistakes.png here.")
 @format_option(["table", "json"])
 @_user_errors
-def evaluate(data_dir, model_path, export_dir, top_k, output_dir, output_format):
-    """Evaluate an export on a labelled folder (one subfolder per class).
+def evaluate(data_dir, labels, model_path, export_dir, top_k, output_dir, output_format):
+    """Evaluate an export on a labelled folder (one subfolder per class, or a --labels CSV:
+    every row, whatever its split column says).
 
     Accuracy, top-k accuracy, per-class precision/recall/F1, macro and weighted averages,
     the confusion matrix, calibration (ECE) and the most confident mistakes.
@@ -464,11 +472,12 @@ def evaluate(data_dir, model_path, export_dir, top_k, output_dir, output_format)
     Example:
       tlkit evaluate data/digits --output-dir reports/digits
       tlkit evaluate ./test_photos --model saved_models/photos/2 --format json
+      tlkit evaluate ./photos --labels ./photos/test_labels.csv
     """
     from tlkit.evaluate import evaluate_folder
 
     report = evaluate_folder(data_dir, model_path, export_dir=export_dir, top_k=top_k,
-                             output_dir=output_dir)
+                             output_dir=output_dir, labels=labels)
     click.echo(json.dumps(report.to_dict(), indent=2) if output_format == "json"
                else report.to_text())
     if output_dir and output_format == "table":

@@ -67,7 +67,14 @@ def _paths_to_str(config, *names):
 class DataConfig:
     """Where the images come from and how they become tensors."""
 
-    data_dir: str = _setting(MISSING, "Folder with one subfolder per class.", flags=())
+    data_dir: str = _setting(MISSING, "Folder with one subfolder per class (with `labels`: "
+                             "where the label file's relative paths are looked up second).",
+                             flags=())
+    labels: str | None = _setting(None, "A CSV label file instead of class subfolders: a "
+                                  "header row, then path,label rows, and optionally a split "
+                                  "column (train, val, test) that fixes the split. Relative "
+                                  "paths are looked up next to the CSV, then in the data "
+                                  "folder.", shown="none: class subfolders")
     val_split: float = _setting(0.2, "Fraction of each class held out for validation.")
     test_split: float = _setting(0.0, "Fraction of each class held out as a test set, never "
                                  "trained on, reported separately.")
@@ -89,9 +96,18 @@ class DataConfig:
     workers: int = _setting(0, "Image decoding threads; 0: one per CPU core.")
 
     def __post_init__(self):
-        _paths_to_str(self, "data_dir", "val_dir", "cache_dir")
+        _paths_to_str(self, "data_dir", "labels", "val_dir", "cache_dir")
         if not self.data_dir:
             raise ConfigError(f"`data_dir` must be a folder. Received: data_dir={self.data_dir!r}")
+        if self.labels is not None and (not isinstance(self.labels, str) or not self.labels):
+            raise ConfigError(f"`labels` must be a CSV file path or None. Received: "
+                              f"labels={self.labels!r}")
+        if self.labels is not None and self.val_dir is not None:
+            raise ConfigError(
+                "`labels` and `val_dir` cannot be combined: list the validation images in the "
+                "label file, with a split column (val). Received: "
+                f"labels={self.labels!r}, val_dir={self.val_dir!r}"
+            )
         check_number("val_split", self.val_split, 0.0, 0.9)
         check_number("test_split", self.test_split, 0.0, 0.9)
         if self.val_split + self.test_split >= 1.0:

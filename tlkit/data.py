@@ -1,6 +1,7 @@
 """From a folder of images to training tensors: scan, validate, decode once, split, batch.
 
     DATA_DIR/<class>/**/<image>  --scan_folder-->  files and labels
+    (or a label file, path,label[,split] rows  --scan_labels-->  the same; `scan_data` picks)
         --decode (threads, Pillow, the image contract)-->  uint8 cache (RAM or disk)
         --split_indices (stratified, seeded, duplicates together)-->  train / val / test
         --make_dataset-->  tf.data batches (shuffled, augmented when training, prefetched)
@@ -9,6 +10,7 @@ Every file is decoded once, before training starts: a file that fails is skipped
 with its reason, so a bad image can never stop an epoch halfway.
 """
 
+import csv
 import hashlib
 import os
 import tempfile
@@ -26,6 +28,15 @@ from tlkit.errors import DataError, ImageError
 
 SPLITS = ("train", "val", "test")
 
+LABEL_COLUMNS = ("path", "label")
+"""The columns every label file has (`scan_labels`)."""
+
+SPLIT_COLUMN = "split"
+"""A label file's optional column that fixes each file's split (one of `SPLITS`)."""
+
+MAX_LISTED_LINES = 10
+"""Most bad lines of a label file one error message lists (it gives the total too)."""
+
 
 def image_extensions():
     """The file extensions tlkit treats as images: every one Pillow registers a decoder for."""
@@ -36,13 +47,45 @@ def image_extensions():
 
 @dataclass(frozen=True)
 class FolderScan:
-    """The image files found in a class-per-subfolder tree."""
+    """The image files found in a class-per-subfolder tree, or listed in a label file."""
 
-    root: str  # the scanned folder
-    class_names: tuple  # sorted names of the top-level subfolders
+    root: str  # the scanned folder (for a label file: the data folder, else the file's)
+    class_names: tuple  # sorted names of the top-level subfolders, or of the labels
     files: tuple  # image file paths, sorted within each class
     labels: tuple  # class index of each file
-    ignored: tuple  # (path, reason) of entries that are not images or not followed
+    ignored: tuple  # (path, reason) of entries that are not images, not followed, repeated
+    splits: tuple | None = None  # split name of each file, fixed by a label file, or None
+    labels_file: str | None = None  # the label file read, or None for class subfolders
+
+    def describe(self):
+        """Where the labels come from, for messages: the label file, or the data folder."""
+        if self.labels_file is not None:
+            return f"Label file {self.labels_file!r}"
+        return f"Data folder {self.root!r}"
+
+
+def scan_data(data_dir, labels=None, class_names=None):
+    """Finds the labelled images of a data set: in class subfolders, or in a label file.
+
+    Every reader of labelled images (`load_image_data`, `survey_folder`,
+    `tlkit.doctor.diagnose`, `tlkit.evaluate.evaluate_folder`) scans through here.
+
+    Args:
+        data_dir: the data folder: one subfolder per class, or, with `labels`, the folder
+            a label file's relative paths are looked up in after the file's own folder.
+        labels: a label file (see `scan_labels`), or `None` for class subfolders.
+        class_names: expected classes (a validation folder, a model's classes); `None`
+            takes the classes found.
+
+    Returns:
+        A `FolderScan`.
+
+    Raises:
+        DataError: as `scan_folder` or `scan_labels`.
+    """
+    if labels is None:
+        return scan_folder(data_dir, class_names)
+    return scan_labels(labels, data_dir, class_names)
 
 
 def scan_folder(data_dir, class_names=None):
@@ -137,6 +180,194 @@ def _walk_class(folder, extensions, ignored):
             else:
                 files.append(str(path))
     return sorted(files)
+
+
+def scan_labels(labels_file, data_dir=None, class_names=None):
+    """Reads a label file: a CSV with a header row and one image per row.
+
+    Columns: `path` and `label`, and optionally `split` (`train`, `val` or `test`; then
+    every row needs one, and it fixes the split instead of `val_split`/`test_split`). Any
+    other column is an error (a misspelt `split` must not silently become a random split).
+    Column names and values have surrounding spaces stripped; names and split values are
+    case-insensitive. A relative path is looked up next to the label file first, then in
+    `data_dir`; an absolute path is used as it is. Blank lines are skipped. Class names
+    are the sorted distinct labels.
+
+    Every row is checked before anything is decoded, and every bad row is reported at
+    once, by line number: an empty path or label, a file that is missing, a folder or not
+    a regular file, an extension that is not an image format, a bad split value, a row
+    with more fields than the header, the same path with two labels (or two splits). The
+    same path listed again with the same label is kept once, and the repeat is listed in
+    `ignored`. A file that is there but does not decode is left to the decoder, which
+    skips and reports it as it does for class folders.
+
+    Args:
+        labels_file: the CSV file (UTF-8, comma-separated).
+        data_dir: the second folder relative paths are looked up in; `None`: only the
+            label file's folder.
+        class_names: expected classes (a model's); `None` takes the labels found. A
+            label that is not one of them is an error.
+
+    Returns:
+        A `FolderScan` whose `root` is `data_dir` (or the label file's folder),
+        `labels_file` the file, and `splits` the split of each file when the `split`
+        column is there (else `None`).
+
+    Raises:
+        DataError: naming the file, if it cannot be read as a CSV, lacks a column or
+            has an unknown one, lists no image, or has bad rows (up to
+            `MAX_LISTED_LINES` of them with their line numbers, and how many in all).
+
+    Example:
+
+    >>> scan = scan_labels("photos/labels.csv", "photos")
+    >>> scan.class_names, scan.files[0]
+    (('cat', 'dog'), 'photos/img/0001.jpg')
+    """
+    source = Path(labels_file)
+    where = f"Label file {str(source)!r}"
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"Data folder {str(data_dir)!r} does not exist or is not a folder.")
+    rows, split_column = _read_label_rows(source, where)
+    bases = [source.parent] + ([Path(data_dir)] if data_dir is not None else [])
+    extensions = image_extensions()
+    problems, ignored, entries = [], [], {}  # entries: key -> (line, file, label, split)
+    for line, path, label, split in rows:
+        problem, file = _label_row_problem(path, label, split, split_column, bases,
+                                           extensions)
+        if problem:
+            problems.append((line, problem))
+            continue
+        key = os.path.normpath(os.path.abspath(file))
+        if key in entries:
+            first, _, first_label, first_split = entries[key]
+            if (first_label, first_split) != (label, split):
+                what, before, now = (("label", first_label, label) if first_label != label
+                                     else ("split", first_split, split))
+                problems.append((line, f"{path}: {what} {now!r}, but line {first} lists the "
+                                       f"same file with {what} {before!r}"))
+            else:
+                ignored.append((file, f"listed again on line {line} of {source} (line "
+                                      f"{first} is used)"))
+            continue
+        entries[key] = (line, file, label, split)
+    if problems:
+        listed = [f"  line {line}: {problem}" for line, problem in problems[:MAX_LISTED_LINES]]
+        more = len(problems) - len(listed)
+        raise DataError(f"{where} has {len(problems)} bad line(s); fix them and run again:\n"
+                        + "\n".join(listed) + (f"\n  ... and {more} more." if more else ""))
+    if not entries:
+        raise DataError(f"{where} lists no image: add rows `path,label` below its header.")
+    found = sorted({label for _, _, label, _ in entries.values()})
+    if class_names is not None:
+        unknown = [label for label in found if label not in class_names]
+        if unknown:
+            lines = {label: min(line for line, _, l, _ in entries.values() if l == label)
+                     for label in unknown}
+            raise DataError(
+                f"{where} has labels {unknown} (first on line(s) "
+                f"{[lines[label] for label in unknown]}) that are not among the expected "
+                f"classes {list(class_names)}."
+            )
+    else:
+        class_names = found
+    index = {name: i for i, name in enumerate(class_names)}
+    ordered = sorted(entries.values(), key=lambda e: (index[e[2]], e[1]))
+    root = str(data_dir) if data_dir is not None else str(source.parent)
+    return FolderScan(root, tuple(class_names), tuple(e[1] for e in ordered),
+                      tuple(index[e[2]] for e in ordered), tuple(ignored),
+                      tuple(e[3] for e in ordered) if split_column else None, str(source))
+
+
+def _read_label_rows(source, where):
+    """`(line, path, label, split)` of each non-blank row, and whether a split column is
+    there; the header and the file's readability are checked here."""
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except IsADirectoryError:
+        raise DataError(f"{where} is a folder; give a CSV file of path,label rows.") from None
+    except FileNotFoundError:
+        raise DataError(f"{where} does not exist.") from None
+    except OSError as e:
+        raise DataError(f"{where} cannot be read: {e.strerror or e}.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{where} is not a UTF-8 text file; give a CSV file of path,label "
+                        "rows.") from None
+    reader = csv.reader(text.splitlines(keepends=True))
+    rows, header, line = [], None, 0
+    try:
+        for row in reader:
+            start, line = line + 1, reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = _label_header(row, where, start)
+                continue
+            if len(row) > len(header):
+                rows.append((start, None, None, f"{len(row)} fields, the header has "
+                                                f"{len(header)}"))
+                continue
+            values = dict(zip(header, (cell.strip() for cell in row)))
+            rows.append((start, values.get("path", ""), values.get("label", ""),
+                         values.get(SPLIT_COLUMN, "").lower() if SPLIT_COLUMN in header
+                         else None))
+    except csv.Error as e:
+        raise DataError(f"{where} is not a readable CSV file (line {reader.line_num}: {e}).") \
+            from None
+    if header is None:
+        raise DataError(f"{where} is empty: it needs a header row `path,label` (and "
+                        "optionally `split`), then one row per image.")
+    return rows, SPLIT_COLUMN in header
+
+
+def _label_header(row, where, line):
+    header = [cell.strip().lower() for cell in row]
+    allowed = (*LABEL_COLUMNS, SPLIT_COLUMN)
+    missing = [name for name in LABEL_COLUMNS if name not in header]
+    unknown = [name for name in header if name not in allowed]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if missing or unknown or repeated:
+        problems = ([f"no column {missing}"] if missing else []) + \
+            ([f"unknown column(s) {unknown}"] if unknown else []) + \
+            ([f"repeated column(s) {repeated}"] if repeated else [])
+        raise DataError(
+            f"{where} line {line}: {'; '.join(problems)}. Its first line must be a header "
+            f"with the columns {', '.join(LABEL_COLUMNS)} and optionally {SPLIT_COLUMN} "
+            f"({', '.join(SPLITS)}). Received: {row}"
+        )
+    return header
+
+
+def _label_row_problem(path, label, split, split_column, bases, extensions):
+    """`(problem, None)` for a bad row, else `(None, the file's path)`."""
+    if path is None:
+        return split, None  # the field count, from `_read_label_rows`
+    problems = []
+    if not path:
+        problems.append("empty path")
+    if not label:
+        problems.append("empty label")
+    elif "\n" in label or "\r" in label:
+        problems.append(f"label {label!r} has a line break")
+    if split_column and split not in SPLITS:
+        problems.append(f"split {split!r} is not one of {list(SPLITS)}")
+    file = None
+    if path:
+        candidates = [Path(path)] if Path(path).is_absolute() else [b / path for b in bases]
+        file = next((c for c in candidates if os.path.lexists(c)), None)
+        if file is None:
+            places = " or ".join(str(c) for c in candidates)
+            problems.append(f"file not found (looked for {places})")
+        elif file.is_dir():
+            problems.append("a folder, not an image file")
+        elif file.suffix.lower() not in extensions:
+            problems.append(f"not an image file extension ({file.suffix or 'none'!r})")
+        elif not file.is_file():
+            problems.append("not a regular file (a FIFO, device or broken link)")
+    if problems:
+        return (f"{path}: " if path else "") + "; ".join(problems), None
+    return None, str(file)
 
 
 class ImageCache:
@@ -266,7 +497,7 @@ def file_digest(path, chunk=1 << 20):
     return sha1.hexdigest()
 
 
-def split_usable(labels, ok, digests, val_split, test_split, seed):
+def split_usable(labels, ok, digests, val_split, test_split, seed, fixed=None):
     """The split `load_image_data` makes: file indices per split, over the usable files.
 
     Args:
@@ -276,11 +507,17 @@ def split_usable(labels, ok, digests, val_split, test_split, seed):
         val_split: validation fraction (0 when a validation folder is used).
         test_split: test fraction.
         seed: seed of the split.
+        fixed: split name per file (a label file's `split` column, `FolderScan.splits`),
+            or `None`. When given, it is the split, and the fractions and seed are not
+            used.
 
     Returns:
         A dict from split name to a sorted array of file indices.
     """
     usable = np.flatnonzero(ok)
+    if fixed is not None:
+        names = np.asarray(fixed, dtype=object)[usable]
+        return {name: usable[names == name] for name in SPLITS}
     parts = split_indices(np.asarray(labels)[usable], [digests[i] for i in usable],
                           {"test": test_split, "val": val_split}, seed)
     return {name: usable[positions] for name, positions in parts.items()}
@@ -378,6 +615,7 @@ class ImageData:
     skipped: list  # (path, reason) of image files that could not be used
     ignored: list  # (path, reason) of entries that are not images or were not followed
     warnings: list = field(default_factory=list)
+    fixed_split: bool = False  # a label file's split column made the split
 
     @property
     def num_classes(self):
@@ -399,7 +637,8 @@ class ImageData:
             lines += [f"  {path}: {reason}" for path, reason in self.skipped]
         non_hidden = [p for p, reason in self.ignored if reason != "hidden"]
         if non_hidden:
-            lines.append(f"Ignored {len(non_hidden)} non-image or unfollowed entr(ies).")
+            lines.append(f"Ignored {len(non_hidden)} non-image, unfollowed or repeated "
+                         "entr(ies).")
         lines += [f"Warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -412,6 +651,7 @@ class ImageData:
             "skipped": [{"file": p, "reason": r} for p, r in self.skipped],
             "ignored": [{"file": p, "reason": r} for p, r in self.ignored],
             "warnings": list(self.warnings),
+            "fixed_split": self.fixed_split,
         }
 
     def close(self):
@@ -423,6 +663,11 @@ class ImageData:
 def load_image_data(config, seed=42, verbose=1):
     """Scans, validates, decodes and splits the images a `DataConfig` points at.
 
+    The images are the class subfolders of `config.data_dir`, or the rows of the label
+    file `config.labels` (see `scan_labels`); a label file's `split` column, when it has
+    one, is the split (`val_split` and `test_split` are then not used, and a warning says
+    so).
+
     Args:
         config: a `tlkit.config.DataConfig` whose `image_size` is resolved (an integer).
         seed: seed of the split.
@@ -432,14 +677,15 @@ def load_image_data(config, seed=42, verbose=1):
         `ImageData` with `"train"`, `"val"` and, when `test_split > 0`, `"test"` splits.
 
     Raises:
-        DataError: if the folder cannot be used (missing, no classes, fewer than two
-            classes, a class with no usable image).
+        DataError: if the folder or label file cannot be used (missing, no classes,
+            fewer than two classes, a class with no usable image, bad label-file rows, a
+            fixed split without training or validation images).
     """
-    scan = scan_folder(config.data_dir)
+    scan = scan_data(config.data_dir, config.labels)
     if len(scan.class_names) < 2:
         raise DataError(
-            f"Data folder {scan.root!r} has only one class ({scan.class_names[0]!r}); a "
-            "classifier needs at least two class subfolders."
+            f"{scan.describe()} has only one class ({scan.class_names[0]!r}); a "
+            "classifier needs at least two (class subfolders, or labels)."
         )
     decode = dict(image_size=config.image_size, resize=config.resize, cache=config.cache,
                   cache_dir=config.cache_dir, workers=config.workers, verbose=verbose)
@@ -447,7 +693,8 @@ def load_image_data(config, seed=42, verbose=1):
     labels = np.asarray(scan.labels, np.int64)
     _check_every_class_usable(scan, labels, decoded.ok)
     parts = split_usable(labels, decoded.ok, decoded.digests,
-                         0.0 if config.val_dir else config.val_split, config.test_split, seed)
+                         0.0 if config.val_dir else config.val_split, config.test_split, seed,
+                         fixed=scan.splits)
     splits = {name: Split(name, decoded.cache, indices, labels[indices],
                           [scan.files[i] for i in indices],
                           [decoded.digests[i] for i in indices])
@@ -464,8 +711,20 @@ def load_image_data(config, seed=42, verbose=1):
         skipped += val_decoded.skipped
         ignored += val_scan.ignored
     data = ImageData(list(scan.class_names), config.image_size, config.resize, splits,
-                     skipped, ignored, _duplicate_warnings(scan, labels, decoded))
-    if "val" not in splits or not len(splits["val"]):
+                     skipped, ignored, _duplicate_warnings(scan, labels, decoded),
+                     fixed_split=scan.splits is not None)
+    repeated = len(scan.ignored) if scan.labels_file else 0
+    if repeated:
+        data.warnings.append(
+            f"{repeated} row(s) of {scan.labels_file} repeat the path and label of an earlier "
+            "row; each file is used once (the repeats are listed as ignored).")
+    if scan.splits is not None:
+        _check_fixed_split(scan, data)
+        data.warnings.append(
+            f"The split column of {scan.labels_file} fixes the split: val_split="
+            f"{config.val_split} and test_split={config.test_split} are not used.")
+    elif "val" not in splits or not len(splits["val"]):
+        data.close()
         raise DataError(
             f"No validation images: {scan.root!r} is too small for val_split="
             f"{config.val_split}. Add images, raise `val_split` or pass `val_dir`."
@@ -473,12 +732,30 @@ def load_image_data(config, seed=42, verbose=1):
     return data
 
 
+def _check_fixed_split(scan, data):
+    """A label file's split needs usable training and validation images."""
+    for name in ("train", "val"):
+        if name not in data.splits:
+            data.close()
+            raise DataError(
+                f"{scan.describe()} puts no usable image in the {name!r} split: give some "
+                f"rows split={name} (training needs both train and val images)."
+            )
+    trained = set(data.splits["train"].labels.tolist())
+    missing = [c for i, c in enumerate(data.class_names) if i not in trained]
+    if missing:
+        data.warnings.append(f"Class(es) {missing} have no usable image in the 'train' split "
+                             f"of {scan.labels_file}: the model cannot learn them.")
+
+
 def _check_every_class_usable(scan, labels, ok):
     for label, name in enumerate(scan.class_names):
         if not ok[labels == label].any():
+            fix = (f"its files or remove its rows from {scan.labels_file}" if scan.labels_file
+                   else f"or remove {scan.root}/{name}")
             raise DataError(
                 f"Class {name!r} has no image that can be decoded (all of its files were "
-                f"skipped; see the list above). Fix or remove {scan.root}/{name}."
+                f"skipped; see the list above). Fix {fix}."
             )
 
 
@@ -490,7 +767,7 @@ def _duplicate_warnings(scan, labels, decoded):
     if not clashes:
         return []
     return [f"{clashes} identical image(s) appear in more than one class; each copy keeps "
-            "its folder's label (check for mislabelled files)."]
+            "its label (check for mislabelled files)."]
 
 
 def make_dataset(split, batch_size, shuffle=False, seed=None, augmenter=None):
@@ -550,21 +827,22 @@ class DataSurvey:
     image_side: int  # median shorter side, in pixels, of a sample of the images
 
 
-def survey_folder(data_dir, sample=64):
+def survey_folder(data_dir, sample=64, labels=None):
     """Counts the images of each class and reads the size of a sample of them from their
     headers (no pixels are decoded); unreadable files are left to the loader to report.
 
     Args:
         data_dir: a folder with one subfolder per class.
         sample: how many images, spread evenly over the folder, to read sizes from.
+        labels: a label file instead of class subfolders (see `scan_data`).
 
     Returns:
         A `DataSurvey`.
 
     Raises:
-        DataError: as `scan_folder`.
+        DataError: as `scan_data`.
     """
-    scan = scan_folder(data_dir)
+    scan = scan_data(data_dir, labels)
     counts = np.bincount(scan.labels, minlength=len(scan.class_names))
     count = min(sample, len(scan.files))
     picks = np.unique(np.linspace(0, len(scan.files) - 1, count).astype(int))

@@ -1,6 +1,6 @@
 """Checks a data folder before training: what `tlkit fit` would skip, convert or leak.
 
-    DATA_DIR  --scan_folder-->  image files (and the entries the scan ignores)
+    DATA_DIR (or a label file)  --scan_data-->  image files (and the entries it ignores)
         --check every file (threads): SHA-1 of its bytes, `decode_file` (the one decode fit
           does), Pillow's header facts (no pixels), a 64-bit pHash of a 32x32 thumbnail-->
         --split_indices, with exactly the inputs fit gives it-->  where fit puts each file
@@ -28,7 +28,7 @@ from PIL import Image
 
 from tlkit import images as image_ops
 from tlkit.config import DataConfig, FitConfig
-from tlkit.data import SPLITS, scan_folder, split_usable
+from tlkit.data import SPLITS, scan_data, split_usable
 from tlkit.errors import ConfigError, ImageError
 from tlkit.validation import check_choice, check_number
 
@@ -91,7 +91,7 @@ _DCT = np.cos(np.pi * np.outer(np.arange(_DCT_SIZE), 2 * np.arange(_DCT_SIZE) + 
 class Finding:
     """One thing worth knowing about one file (for `imbalance`, about the data folder)."""
 
-    path: str  # the file, as `tlkit.data.scan_folder` lists it
+    path: str  # the file, as `tlkit.data.scan_data` lists it
     severity: str  # "error" | "warning" | "info", see `SEVERITIES`
     code: str  # stable short name, a key of `CODES`
     message: str  # what is wrong or notable, and what fit does about it
@@ -119,6 +119,8 @@ class DoctorReport:
     findings: list  # `Finding`s: errors, then warnings, then info; by code, then path
     ignored: tuple  # (path, reason) of entries the scan skips: hidden, not images, links
     settings: dict  # the split and check settings the report was made with
+    labels_file: str | None = None  # the label file scanned, or None for class subfolders
+    fixed_split: bool = False  # the label file's split column made the split
 
     @property
     def errors(self):
@@ -136,6 +138,8 @@ class DoctorReport:
         counts = Counter(f.severity for f in self.findings)
         return {
             "data_dir": self.data_dir,
+            "labels_file": self.labels_file,
+            "fixed_split": self.fixed_split,
             "settings": dict(self.settings),
             "class_names": list(self.class_names),
             "class_counts": dict(self.class_counts),
@@ -156,10 +160,11 @@ class DoctorReport:
             severity, then the ignored entries.
         """
         s = self.settings
-        lines = [f"{self.data_dir}: {len(self.files)} image file(s) in "
+        split = (f"the split column of {self.labels_file}" if self.fixed_split else
+                 f"val_split={s['val_split']}, test_split={s['test_split']}, seed={s['seed']}")
+        lines = [f"{self.labels_file or self.data_dir}: {len(self.files)} image file(s) in "
                  f"{len(self.class_names)} class(es); split as `tlkit fit` makes it with "
-                 f"val_split={s['val_split']}, test_split={s['test_split']}, seed={s['seed']}.",
-                 ""]
+                 f"{split}.", ""]
         lines += self._class_table()
         for severity in SEVERITIES:
             chosen = [f for f in self.findings if f.severity == severity]
@@ -175,7 +180,8 @@ class DoctorReport:
         return "\n".join(lines)
 
     def _class_table(self):
-        names = [n for n in SPLITS if n != "test" or self.settings["test_split"] > 0]
+        names = [n for n in SPLITS if n != "test" or self.splits.get("test")
+                 or (self.settings["test_split"] > 0 and not self.fixed_split)]
         label_of = dict(zip(self.files, self.labels))
         found = Counter(self.labels)
         failed = Counter(label_of[f.path] for f in self.errors)
@@ -194,10 +200,10 @@ class DoctorReport:
 def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.test_split,
              seed=FitConfig.seed, workers=DataConfig.workers,
              max_pixels=image_ops.DEFAULT_MAX_PIXELS, min_size=16, near_duplicates=True,
-             verbose=1):
+             verbose=1, labels=None):
     """Checks every image file of a data folder the way `tlkit fit` would read it.
 
-    Every file found by `tlkit.data.scan_folder` is read and decoded once, in parallel,
+    Every file found by `tlkit.data.scan_data` is read and decoded once, in parallel,
     with `tlkit.images.decode_file` (so the errors are exactly the files fit skips; a
     decompression bomb is refused from its header and never decoded). Pillow's header
     tells what fit converts (animation, pages, colour mode, EXIF orientation). A 64-bit
@@ -217,6 +223,9 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
             0 turns the check off.
         near_duplicates: look for near-duplicates and split leaks (perceptual hashes).
         verbose: 0 silent, else a progress bar.
+        labels: a label file instead of class subfolders (`tlkit.data.scan_labels`); a
+            `split` column in it is the split (then `val_split`, `test_split` and `seed`
+            are not used), as in fit.
 
     Returns:
         A `DoctorReport`.
@@ -224,7 +233,7 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
     Raises:
         ConfigError: if an argument is invalid (named, with the value received).
         DataError: if the folder cannot be scanned (missing, no class subfolders, a class
-            folder with no image files).
+            folder with no image files) or the label file has bad rows.
 
     Example:
 
@@ -232,7 +241,7 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
     >>> [f.path for f in report.errors]
     []
     """
-    config = DataConfig(data_dir, val_split=val_split, test_split=test_split,
+    config = DataConfig(data_dir, labels=labels, val_split=val_split, test_split=test_split,
                         workers=workers)  # the split settings, validated as fit does
     check_number("seed", seed, 0, 2**31 - 1, integer=True)
     check_number("max_pixels", max_pixels, 1, integer=True)
@@ -240,13 +249,13 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
     check_choice("near_duplicates", near_duplicates, (True, False))
     check_choice("verbose", verbose, (0, 1, 2))
 
-    scan = scan_folder(config.data_dir)
+    scan = scan_data(config.data_dir, config.labels)
     checks = _check_files(scan.files, max_pixels, min_size, near_duplicates, config.workers,
                           verbose)
     labels = np.asarray(scan.labels, np.int64)
     usable = np.flatnonzero([check.usable for check in checks])
     split_of = _fit_split(labels, usable, [check.digest for check in checks],
-                          config.val_split, config.test_split, seed)
+                          config.val_split, config.test_split, seed, scan.splits)
 
     findings = [_finding(path, code, message) for path, check in zip(scan.files, checks)
                 for code, message in check.notes]
@@ -267,7 +276,8 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
                 "near_duplicates": near_duplicates,
                 "near_duplicate_bits": NEAR_DUPLICATE_BITS if near_duplicates else None}
     return DoctorReport(scan.root, scan.class_names, scan.files, scan.labels, class_counts,
-                        splits, findings, scan.ignored, settings)
+                        splits, findings, scan.ignored, settings, scan.labels_file,
+                        scan.splits is not None)
 
 
 def quarantine(report, dest_dir):
@@ -287,12 +297,19 @@ def quarantine(report, dest_dir):
         A list of `(source, destination)` path strings, one per moved file.
 
     Raises:
-        ConfigError: (a `ValueError`) if `report` is not a `DoctorReport` or `dest_dir` is
-            inside the data folder.
+        ConfigError: (a `ValueError`) if `report` is not a `DoctorReport`, was made from
+            a label file (whose rows would then name missing files: remove the rows
+            instead), or `dest_dir` is inside the data folder.
     """
     if not isinstance(report, DoctorReport):
         raise ConfigError("`report` must be a DoctorReport from `tlkit.doctor.diagnose`. "
                           f"Received: report={report!r}")
+    if report.labels_file is not None:
+        raise ConfigError(
+            f"Files listed in a label file stay where they are: remove the rows of the "
+            f"files with errors from {report.labels_file} instead (moving them would make "
+            f"them missing files). Received: report.labels_file={report.labels_file!r}"
+        )
     root = Path(report.data_dir)
     dest = Path(dest_dir)
     resolved_root, resolved_dest = root.resolve(), dest.resolve()
@@ -499,13 +516,13 @@ def _phash(pixels):
 # The folder as a whole -------------------------------------------------------------------
 
 
-def _fit_split(labels, usable, digests, val_split, test_split, seed):
+def _fit_split(labels, usable, digests, val_split, test_split, seed, fixed):
     """File index -> split name, for the usable files, exactly as `load_image_data` splits."""
     if not len(usable):
         return {}
     ok = np.zeros(len(labels), bool)
     ok[usable] = True
-    parts = split_usable(labels, ok, digests, val_split, test_split, seed)
+    parts = split_usable(labels, ok, digests, val_split, test_split, seed, fixed)
     return {int(i): name for name, indices in parts.items() for i in indices}
 
 

@@ -1,6 +1,6 @@
 """Evaluation: how well a classifier does on labelled images, and where it goes wrong.
 
-    labelled folder --scan_folder--> files --Classifier.predict--> probabilities --+
+    labelled folder --scan_data--> files --Classifier.predict--> probabilities ----+
     in-memory images + labels --model--> probabilities ----------------------------+
         --compute_metrics--> accuracy, top-k, per-class P/R/F1, confusion, calibration
         --> EvaluationReport (+ output_dir: metrics.json, confusion_matrix.png,
@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlkit.data import scan_folder
+from tlkit.data import scan_data
 from tlkit.errors import ConfigError, DataError
 from tlkit.images import load_image
 from tlkit.models import predict_probabilities
@@ -279,8 +279,8 @@ def _find_mistakes(y_true, probabilities, class_names, sources):
 
 
 def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, batch_size=64,
-                    output_dir=None, worst=16):
-    """Evaluates an export on a labelled folder (one subfolder per class).
+                    output_dir=None, worst=16, labels=None):
+    """Evaluates an export on a labelled folder (one subfolder per class, or a label file).
 
     Only the export is needed: its class names, image size and resize policy come from its
     metadata, and every file is decoded with the training image contract.
@@ -300,14 +300,18 @@ def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, ba
             (thumbnails of the `worst` most confident mistakes; not written, and an old one
             removed, when there is none).
         worst: most thumbnails in `mistakes.png`.
+        labels: a label file instead of class subfolders (`tlkit.data.scan_labels`); its
+            labels must be among the model's classes. Every row is evaluated: a `split`
+            column is not used (give a file of the rows to score).
 
     Returns:
         An `EvaluationReport`; files that cannot be decoded are left out of the metrics and
         listed in `skipped`.
 
     Raises:
-        DataError: if the folder is missing, has a class folder the model does not know
-            (the message names it), or no image in it can be read.
+        DataError: if the folder is missing, has a class folder (or label) the model does
+            not know (the message names it), a label file has bad rows, or no image in it
+            can be read.
         ExportError: if `model` is not a tlkit export.
         ConfigError: for a bad `top_k`, `batch_size`, `worst` or `output_dir`.
 
@@ -319,7 +323,7 @@ def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, ba
     _check_evaluation_options(top_k, batch_size, worst)
     classifier = load(model, export_dir)
     class_names = classifier.class_names
-    scan = scan_folder(data_dir, class_names=class_names)
+    scan = scan_data(data_dir, labels, class_names=class_names)
     predictions = classifier.predict(list(scan.files), top_k=len(class_names),
                                      batch_size=batch_size)
     index = {name: i for i, name in enumerate(class_names)}
@@ -336,7 +340,8 @@ def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, ba
     return _report(np.asarray(scan.labels)[read], probabilities, class_names, files,
                    lambda i: load_image(files[i], THUMBNAIL_SIZE, classifier.resize),
                    top_k=top_k, output_dir=output_dir, worst=worst, skipped=skipped,
-                   model=str(classifier.path), data=str(data_dir))
+                   model=str(classifier.path),
+                   data=str(data_dir) if labels is None else str(labels))
 
 
 def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
