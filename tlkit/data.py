@@ -229,7 +229,9 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"Data folder {str(data_dir)!r} does not exist or is not a folder.")
     rows, split_column = _read_label_rows(source, where)
-    bases = [source.parent] + ([Path(data_dir)] if data_dir is not None else [])
+    bases = [source.parent]
+    if data_dir is not None and Path(data_dir).resolve() != source.parent.resolve():
+        bases.append(Path(data_dir))
     extensions = image_extensions()
     problems, ignored, entries = [], [], {}  # entries: key -> (line, file, label, split)
     for line, path, label, split in rows:
@@ -294,7 +296,7 @@ def _read_label_rows(source, where):
     except UnicodeDecodeError:
         raise DataError(f"{where} is not a UTF-8 text file; give a CSV file of path,label "
                         "rows.") from None
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
     rows, header, line = [], None, 0
     try:
         for row in reader:
