@@ -69,7 +69,8 @@ def fit(data_dir=None, *, config=None, resume=None, on_batch_end=None, **options
     interrupted continues with `fit(resume=run_dir)`, losing at most the epoch in progress.
 
     Args:
-        data_dir: folder with one subfolder per class.
+        data_dir: folder with one subfolder per class (or, with `labels="labels.csv"`,
+            the folder a label file's relative paths are looked up in after its own).
         config: a `FitConfig` (for example `FitConfig.load("runs/.../config.json")`);
             options given as keywords override it.
         resume: a run folder of an interrupted run: continue it with its own settings
