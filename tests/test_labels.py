@@ -181,7 +181,7 @@ def test_a_listed_file_that_does_not_decode_is_skipped_and_reported(tmp_path):
     (("", "cat"), r"line 4: empty path"),
     (("labels.csv", "cat"), r"line 4: labels\.csv: not an image file extension \('\.csv'\)"),
     (("a", "cat"), r"line 4: a: a folder, not an image file"),
-    (("a/a_000.png", "cat", "x"), r"line 4: 3 fields, the header has 2"),
+    (("a/a_000.png", "cat", "x"), r"line 4: a/a_000\.png: 3 fields, the header has 2"),
     (("b/b_000.png", "cat"), r"line 4: b/b_000\.png: label 'cat', but line 3 lists the same "
                              r"file with label 'b'"),
 ])

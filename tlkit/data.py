@@ -228,12 +228,12 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
     where = f"Label file {str(source)!r}"
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"Data folder {str(data_dir)!r} does not exist or is not a folder.")
-    rows, split_column = _read_label_rows(source, where)
+    rows, problems, split_column = _read_label_rows(source, where)
     bases = [source.parent]
     if data_dir is not None and Path(data_dir).resolve() != source.parent.resolve():
         bases.append(Path(data_dir))
     extensions = image_extensions()
-    problems, ignored, entries = [], [], {}  # entries: key -> (line, file, label, split)
+    ignored, entries = [], {}  # entries: key -> (line, file, label, split)
     for line, path, label, split in rows:
         problem, file = _label_row_problem(path, label, split, split_column, bases,
                                            extensions)
@@ -254,6 +254,7 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
             continue
         entries[key] = (line, file, label, split)
     if problems:
+        problems.sort()
         listed = [f"  line {line}: {problem}" for line, problem in problems[:MAX_LISTED_LINES]]
         more = len(problems) - len(listed)
         raise DataError(f"{where} has {len(problems)} bad line(s); fix them and run again:\n"
@@ -264,12 +265,10 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
     if class_names is not None:
         unknown = [label for label in found if label not in class_names]
         if unknown:
-            lines = {label: min(line for line, _, l, _ in entries.values() if l == label)
-                     for label in unknown}
+            first = [min(e[0] for e in entries.values() if e[2] == label) for label in unknown]
             raise DataError(
-                f"{where} has labels {unknown} (first on line(s) "
-                f"{[lines[label] for label in unknown]}) that are not among the expected "
-                f"classes {list(class_names)}."
+                f"{where} has labels {unknown} (first on line(s) {first}) that are not among "
+                f"the expected classes {list(class_names)}."
             )
     else:
         class_names = found
@@ -282,8 +281,9 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
 
 
 def _read_label_rows(source, where):
-    """`(line, path, label, split)` of each non-blank row, and whether a split column is
-    there; the header and the file's readability are checked here."""
+    """`(line, path, label, split)` of each non-blank row, `(line, problem)` of rows with
+    too many fields, and whether a split column is there; the header and the file's
+    readability are checked here."""
     try:
         with open(source, newline="", encoding="utf-8-sig") as f:
             text = f.read()
@@ -297,7 +297,7 @@ def _read_label_rows(source, where):
         raise DataError(f"{where} is not a UTF-8 text file; give a CSV file of path,label "
                         "rows.") from None
     reader = csv.reader(text.splitlines(keepends=True), strict=True)
-    rows, header, line = [], None, 0
+    rows, problems, header, line = [], [], None, 0
     try:
         for row in reader:
             start, line = line + 1, reader.line_num
@@ -307,8 +307,8 @@ def _read_label_rows(source, where):
                 header = _label_header(row, where, start)
                 continue
             if len(row) > len(header):
-                rows.append((start, None, None, f"{len(row)} fields, the header has "
-                                                f"{len(header)}"))
+                problems.append((start, f"{row[0].strip()}: {len(row)} fields, the header "
+                                        f"has {len(header)}"))
                 continue
             values = dict(zip(header, (cell.strip() for cell in row)))
             rows.append((start, values.get("path", ""), values.get("label", ""),
@@ -320,7 +320,7 @@ def _read_label_rows(source, where):
     if header is None:
         raise DataError(f"{where} is empty: it needs a header row `path,label` (and "
                         "optionally `split`), then one row per image.")
-    return rows, SPLIT_COLUMN in header
+    return rows, problems, SPLIT_COLUMN in header
 
 
 def _label_header(row, where, line):
@@ -343,8 +343,6 @@ def _label_header(row, where, line):
 
 def _label_row_problem(path, label, split, split_column, bases, extensions):
     """`(problem, None)` for a bad row, else `(None, the file's path)`."""
-    if path is None:
-        return split, None  # the field count, from `_read_label_rows`
     problems = []
     if not path:
         problems.append("empty path")
