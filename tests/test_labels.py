@@ -267,6 +267,8 @@ def test_an_empty_or_unreadable_label_file_is_an_error_naming_it(tmp_path, conte
 
 
 def test_a_missing_label_file_or_data_folder_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="`labels_file` must be the path of a CSV file"):
+        tdata.scan_labels(None, tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         tdata.scan_labels(tmp_path / "nope.csv", tmp_path)
     with pytest.raises(DataError, match="is a folder"):

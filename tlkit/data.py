@@ -24,7 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tlkit import images as image_ops
-from tlkit.errors import DataError, ImageError
+from tlkit.errors import ConfigError, DataError, ImageError
 
 SPLITS = ("train", "val", "test")
 
@@ -214,6 +214,7 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
         column is there (else `None`).
 
     Raises:
+        ConfigError: if `labels_file` is not a path.
         DataError: naming the file, if it cannot be read as a CSV, lacks a column or
             has an unknown one, lists no image, or has bad rows (up to
             `MAX_LISTED_LINES` of them with their line numbers, and how many in all).
@@ -224,6 +225,9 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
     >>> scan.class_names, scan.files[0]
     (('cat', 'dog'), 'photos/img/0001.jpg')
     """
+    if not isinstance(labels_file, (str, os.PathLike)) or not os.fspath(labels_file):
+        raise ConfigError(f"`labels_file` must be the path of a CSV file. Received: "
+                          f"labels_file={labels_file!r}")
     source = Path(labels_file)
     where = f"Label file {str(source)!r}"
     if data_dir is not None and not Path(data_dir).is_dir():
