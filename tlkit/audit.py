@@ -35,10 +35,12 @@ images are label issues (`METHODS`):
 
 An image flagged as an issue gets the class the confident joint counted it for as its
 suggested label (else its most probable other class). An image that is not an issue is
-*ambiguous* when two or more classes reach their thresholds. An *outlier* is an image whose
-features (centred on the data's mean) are far from every class: its largest cosine
-similarity to a class mean is below Tukey's lower fence of that score over the images
-(first quartile - 1.5 x interquartile range).
+*ambiguous* when two or more classes reach their thresholds, or when its two most probable
+classes are within `AMBIGUOUS_MARGIN` of each other. An *outlier* is an image whose
+features (centred on the data's mean) are far from every class: its cosine distance to the
+nearest class mean (1 - the largest cosine similarity) is beyond Tukey's upper fence of the
+log distances over the images (third quartile + 1.5 x interquartile range; in logs, since
+distances are bounded below and skewed).
 """
 
 import csv
@@ -67,8 +69,11 @@ METHODS = AUDIT_METHODS
 OUTPUT_FILES = ("audit.csv", "audit.json", "audit.png")
 """What `output_dir` receives (`audit.png` only when there is a suspect)."""
 
+AMBIGUOUS_MARGIN = 0.1
+"""An image whose two most probable classes are closer than this is ambiguous."""
+
 OUTLIER_FENCE = 1.5
-"""Tukey's factor: an outlier's best class similarity is below Q1 - 1.5 x IQR."""
+"""Tukey's factor: an outlier's log distance to the nearest class is above Q3 + 1.5 x IQR."""
 
 MAX_STEPS = 2000
 """Most gradient steps of one softmax head (it stops sooner, see `train_softmax_head`)."""
@@ -225,7 +230,7 @@ class ConfidentLearning:
     noise_rates: np.ndarray  # (K,) estimated share of wrong labels among each class's images
     label_issues: np.ndarray  # image indices, the least self-confident first
     suggested: np.ndarray  # (n,) the suggested label of an issue; the given one otherwise
-    ambiguous: np.ndarray  # image indices (not issues), two or more classes over threshold
+    ambiguous: np.ndarray  # image indices (not issues) several classes claim, closest first
     margin: np.ndarray  # (n,) p_given - the largest other p: below 0 the model disagrees
 
 
@@ -285,7 +290,9 @@ def confident_learning(probabilities, labels, method="self_confidence"):
     suggested[issue] = np.where(off_diagonal, counted_as, others.argmax(axis=1))[issue]
     issues = np.flatnonzero(issue)
     issues = issues[np.argsort(self_confidence[issues], kind="stable")]
-    ambiguous = np.flatnonzero(~issue & (above.sum(axis=1) >= 2))
+    top_two = np.sort(p, axis=1)[:, -2:]
+    close = top_two[:, 1] - top_two[:, 0] < AMBIGUOUS_MARGIN
+    ambiguous = np.flatnonzero(~issue & ((above.sum(axis=1) >= 2) | close))
     ambiguous = ambiguous[np.argsort(np.abs(margin[ambiguous]), kind="stable")]
     return ConfidentLearning(thresholds, confident_joint, joint, noise_rates, issues,
                              suggested, ambiguous, margin)
@@ -311,8 +318,9 @@ def find_outliers(features, labels, num_classes):
 
     Features are centred on their mean and scaled to unit length; each class's mean
     direction is the normalised mean of its images'. An image's score is its largest
-    cosine similarity to a class mean; it is an outlier when the score is below Tukey's
-    lower fence over all images, Q1 - `OUTLIER_FENCE` x (Q3 - Q1).
+    cosine similarity to a class mean; it is an outlier when the log of its distance,
+    log(1 - score), is above Tukey's upper fence over all images, Q3 + `OUTLIER_FENCE` x
+    (Q3 - Q1).
 
     Args:
         features: float array `(n, d)`.
@@ -330,8 +338,9 @@ def find_outliers(features, labels, num_classes):
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     present = np.bincount(labels, minlength=num_classes) > 0
     scores = (x @ means[present].T).max(axis=1)
-    first, third = np.percentile(scores, [25, 75])
-    outliers = np.flatnonzero(scores < first - OUTLIER_FENCE * (third - first))
+    distances = np.log(np.maximum(1.0 - scores, 1e-12))
+    first, third = np.percentile(distances, [25, 75])
+    outliers = np.flatnonzero(distances > third + OUTLIER_FENCE * (third - first))
     return scores, outliers[np.argsort(scores[outliers], kind="stable")]
 
 
