@@ -3,6 +3,7 @@
     python -m benchmarks                    # the eight speed benchmarks (~18 min, 2 cores)
     python -m benchmarks transfer_digits    # or any of them by name (this one ~7-10 min)
     python -m benchmarks transfer_real      # ImageNet MobileNet on Fashion-MNIST (hours)
+    python -m benchmarks audit_noise        # tlkit audit on flipped Fashion-MNIST labels
 
 Each script prints its ratios with the raw numbers and rewrites its section of
 benchmarks/RESULTS.md.
@@ -14,7 +15,8 @@ import time
 
 SPEED = ("frozen_stage", "pipeline", "predict_folder", "cold_start", "scratch_vs_keras", "jit",
          "serve", "distribute")
-BENCHMARKS = (*SPEED, "demo_size", "fit_end_to_end", "transfer_digits", "transfer_real")
+BENCHMARKS = (*SPEED, "demo_size", "fit_end_to_end", "transfer_digits", "transfer_real",
+              "audit_noise")
 
 
 def main(names):

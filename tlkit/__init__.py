@@ -21,6 +21,8 @@ _LAZY = {
     "Classifier": "tlkit.predict",
     "Prediction": "tlkit.predict",
     "export_tflite": "tlkit.tflite",
+    "audit_labels": "tlkit.audit",
+    "AuditConfig": "tlkit.config",
     "FitConfig": "tlkit.config",
     "build_config": "tlkit.config",
     "build_classifier": "tlkit.models",

@@ -20,7 +20,7 @@ import typing
 import click
 
 from tlkit.runtime import TF_LOGS_ENV, __version__, import_tensorflow, show_tensorflow_logs
-from tlkit.config import FitConfig
+from tlkit.config import AuditConfig, FitConfig
 
 
 def _user_errors(command):
@@ -139,26 +139,34 @@ def _click_type(field):
 
 
 def _setting_option(name, *, with_default=False):
-    """The option of the config field `name`: its flags, click type (choices, paths, numbers,
-    `--x/--no-x` for a bool) and help text with "[default: ...]" from the field.
+    """The option of the `FitConfig` field `name`: its flags, click type (choices, paths,
+    numbers, `--x/--no-x` for a bool) and help text with "[default: ...]" from the field.
 
     The option's own default is `None` (not given: the config's, or a `--config` file's,
     value stays), unless `with_default` (a command that passes the value on itself).
     """
-    field = _FIELDS[name]
+    return _field_option(_FIELDS[name], with_default)
+
+
+def _field_option(field, with_default=False):
+    """The option of a config dataclass field (see `_setting_option`)."""
     kwargs = {"default": field.default if with_default else None,
               "help": f"{field.metadata['help']} [default: {_shown(field)}]"}
     if field.type is not bool:
         kwargs["type"] = _click_type(field)
-    return click.option(*_setting_flags(field), name, **kwargs)
+    return click.option(*_setting_flags(field), field.name, **kwargs)
 
 
-def _setting_options(command):
-    """Adds an option for every config field a flag sets, in the config's order."""
-    for _, field in reversed(list(_config_fields())):
-        if _setting_flags(field):
-            command = _setting_option(field.name)(command)
-    return command
+def _setting_options(fields):
+    """A decorator adding an option for every one of `fields` a flag sets, in their order."""
+
+    def add(command):
+        for field in reversed(fields):
+            if _setting_flags(field):
+                command = _field_option(field)(command)
+        return command
+
+    return add
 
 
 class _SectionedCommand(click.Command):
@@ -232,7 +240,7 @@ def main(verbose):
               help="Continue an interrupted run from its run folder (its own settings; the "
               "state of every completed epoch is saved there).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the export path (verbose 0).")
-@_setting_options
+@_setting_options([f for _, f in _config_fields()])
 @_user_errors
 def fit(data_dir, config_file, quiet, resume, **options):
     """Train a classifier on DATA_DIR (one subfolder per class, or a --labels CSV) and
@@ -388,6 +396,39 @@ def doctor(data_dir, labels, val_split, test_split, seed, min_size, no_near_dupl
             click.echo(f"Moved {source} -> {target}")
     if report.errors and not moved:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@_setting_options(dataclasses.fields(AuditConfig))
+@output_dir_option("Write audit.csv, audit.json and audit.png here.", default="audit")
+@format_option(["table", "json"])
+@_user_errors
+def audit(data_dir, output_dir, output_format, **options):
+    """Find images of DATA_DIR (one subfolder per class) that are likely labelled wrong.
+
+    Computes the frozen backbone's features once (cached: a rerun skips the backbone),
+    scores every image by a softmax head trained on the other folds, and applies confident
+    learning (per-class thresholds at the mean self-confidence, Northcutt et al. 2021): the
+    likely wrong labels with a suggested label, ambiguous images, and outliers far from
+    every class. Writes audit.csv (every image, the suspects first), audit.json (settings,
+    counts, estimated noise per class) and audit.png (the suspects, given -> suggested).
+
+    \b
+    Example:
+      tlkit audit ./photos
+      tlkit audit ./photos --backbone resnet50 --folds 10 --output-dir reports/audit
+      tlkit audit ./photos --format json
+    """
+    from tlkit.audit import audit_labels
+
+    options["verbose"] = 0 if output_format == "json" else 1
+    report = audit_labels(data_dir, output_dir=output_dir, **options)
+    if output_format == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.to_table())
+        click.echo(f"Reports written to {output_dir}")
 
 
 @main.command()

@@ -37,6 +37,7 @@ DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
 JIT_MODES = ("auto", "on", "off")
 FLIP_CHOICES = ("auto", *FLIP_MODES)
 CLASS_WEIGHT_MODES = ("none", "auto")
+AUDIT_METHODS = ("self_confidence", "confident_joint", "noise_rate")
 
 # Settings whose resolved value depends on the machine (a GPU's `jit="on"` compiles XLA on a
 # CPU, 3.8x slower) or the backbone: a saved config keeps them as asked, beside the resolved.
@@ -53,6 +54,13 @@ def _setting(default, help, **cli):
     """A dataclass field with `default`, its `help` text and the CLI's `flags`, `shown`
     default and `choices` (see the module docstring) as metadata."""
     return field(default=default, metadata={"help": help, **cli})
+
+
+def _same_setting(section, name):
+    """A field with the default, help text and CLI metadata of `section`'s field `name`, for
+    another dataclass: a setting two configs share is written once."""
+    shared = section.__dataclass_fields__[name]
+    return field(default=shared.default, metadata=shared.metadata)
 
 
 def _paths_to_str(config, *names):
@@ -352,6 +360,53 @@ def _check_keys(where, values, allowed):
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
              "export": ExportConfig}
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What `tlkit.audit.audit_labels` computes: the frozen backbone's features, the k-fold
+    softmax heads that score every image out of sample, and the rule that flags one. The
+    data and model settings mean what they mean for `fit` and resolve as fit resolves them."""
+
+    data_dir: str = _same_setting(DataConfig, "data_dir")
+    backbone: str = _same_setting(ModelConfig, "backbone")
+    weights: str = _same_setting(ModelConfig, "weights")
+    image_size: int | str = _same_setting(DataConfig, "image_size")
+    resize: str = _same_setting(DataConfig, "resize")
+    folds: int = _setting(5, "Folds of the out-of-sample probabilities: each image is scored "
+                          "by a head trained on the other folds, never on itself.")
+    weight_decay: float = _setting(1e-3, "L2 penalty of the softmax heads (on features centred "
+                                   "and scaled to a mean squared norm of 1).")
+    method: str = _setting("self_confidence", "Which images are label issues: self_confidence "
+                           "(per class, as many as the confident joint counts off its diagonal, "
+                           "the least self-confident first), confident_joint (every off-diagonal "
+                           "entry) or noise_rate (prune by noise rate).", choices=AUDIT_METHODS)
+    seed: int = _setting(42, "Seed of the folds.")
+    cache_dir: str | None = _same_setting(DataConfig, "cache_dir")
+    feature_cache: bool = _setting(True, "Keep the features in the feature cache (keyed by the "
+                                   "files' content), so a rerun skips the backbone.")
+    workers: int = _same_setting(DataConfig, "workers")
+    batch_size: int = _setting(64, "Images per forward pass of the backbone.")
+    thumbnails: int = _setting(24, "Most suspects shown in audit.png.")
+    verbose: int = _setting(1, "0: silent, 1: progress bars.", flags=())
+
+    def __post_init__(self):
+        _paths_to_str(self, "data_dir", "cache_dir")
+        DataConfig(self.data_dir, image_size=self.image_size, resize=self.resize,
+                   cache_dir=self.cache_dir, workers=self.workers)  # checked as fit checks
+        ModelConfig(backbone=self.backbone, weights=self.weights)
+        check_number("folds", self.folds, 2, 100, integer=True)
+        check_number("weight_decay", self.weight_decay, 0.0, 100.0, low_open=True)
+        check_choice("method", self.method, AUDIT_METHODS)
+        check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
+        check_bool("feature_cache", self.feature_cache)
+        check_number("batch_size", self.batch_size, 1, integer=True)
+        check_number("thumbnails", self.thumbnails, 1, integer=True)
+        check_choice("verbose", self.verbose, (0, 1))
+
+    def to_dict(self):
+        """The settings as plain JSON-ready data."""
+        return dataclasses.asdict(self)
 
 
 # Names people type for a setting that has another name here (the CLI's --lr, for one).

@@ -25,6 +25,7 @@ from tlkit.data import scan_data
 from tlkit.errors import ConfigError, DataError
 from tlkit.images import load_image
 from tlkit.models import predict_probabilities
+from tlkit.plots import plot_thumbnails
 from tlkit.predict import Classifier, load
 from tlkit.validation import check_number
 
@@ -522,15 +523,6 @@ def _plot_reliability(reliability, ece, path):
 
 def _plot_mistakes(mistakes, thumbnail, total, path):
     """Thumbnails of the given mistakes, each titled "true -> predicted (confidence)"."""
-    columns = min(len(mistakes), 4)
-    rows = math.ceil(len(mistakes) / columns)
-    figure = Figure(figsize=(max(2.5 * columns, 4.0), 2.7 * rows + 0.4), dpi=100)
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for axis in axes:
-        axis.axis("off")
-    for axis, mistake in zip(axes, mistakes):
-        axis.imshow(np.asarray(thumbnail(mistake.index), np.uint8))
-        axis.set_title(f"{mistake.true} -> {mistake.predicted} ({mistake.confidence:.2f})",
-                       fontsize=9)
-    figure.suptitle(f"Most confident mistakes ({len(mistakes)} of {total})")
-    _save(figure, path)
+    plot_thumbnails([thumbnail(m.index) for m in mistakes],
+                    [f"{m.true} -> {m.predicted} ({m.confidence:.2f})" for m in mistakes],
+                    path, f"Most confident mistakes ({len(mistakes)} of {total})")

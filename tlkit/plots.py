@@ -1,9 +1,12 @@
-"""PNG figures of a run: training curves with stage boundaries.
+"""PNG figures of a run: training curves with stage boundaries, and grids of thumbnails.
 
 Figures are drawn on `matplotlib.figure.Figure` objects (Agg), never through pyplot, so
 tlkit leaves the matplotlib backend of the calling program (a notebook, say) alone.
 """
 
+import math
+
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -41,6 +44,33 @@ def plot_history(history, path, title="Training"):
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def plot_thumbnails(thumbnails, captions, path, title):
+    """Writes a grid of images, four to a row, each under its caption, as a PNG.
+
+    Args:
+        thumbnails: uint8 RGB arrays `(h, w, 3)` (or a sequence of them), at least one.
+        captions: one short caption per thumbnail.
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        `path`.
+    """
+    columns = min(len(thumbnails), 4)
+    rows = math.ceil(len(thumbnails) / columns)
+    figure = Figure(figsize=(max(2.5 * columns, 4.0), 2.7 * rows + 0.4), dpi=100)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis in axes:
+        axis.axis("off")
+    for axis, thumbnail, caption in zip(axes, thumbnails, captions):
+        axis.imshow(np.asarray(thumbnail, np.uint8))
+        axis.set_title(caption, fontsize=9)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path)

@@ -1,0 +1,233 @@
+"""`tlkit audit`: confident learning on out-of-sample probabilities finds wrong labels, the
+probabilities of an image never come from a head that saw it, and the command writes its
+reports and names bad input."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tlkit.audit import (METHODS, audit_labels, confident_learning, find_outliers,
+                         out_of_sample_probabilities, stratified_folds, train_softmax_head)
+from tlkit.cli import main
+from tlkit.errors import ConfigError, DataError
+
+
+def constructed(labels, true, seed=0, confidence=0.8):
+    """Probabilities that put `confidence` (+- noise) on each image's true class."""
+    rng = np.random.default_rng(seed)
+    k = int(max(labels.max(), true.max())) + 1
+    p = rng.uniform(0.0, 0.1, (len(true), k))
+    p[np.arange(len(true)), true] = confidence + rng.uniform(-0.15, 0.15, len(true))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_flipped_label_is_found_with_its_true_class_suggested(method):
+    true = np.repeat(np.arange(3), 30)
+    given = true.copy()
+    given[[5, 40]] = [1, 2]  # two images of class 0 and 1 labelled as another class
+    p = constructed(given, true)
+    p[[5, 40]] = [[0.94, 0.03, 0.03], [0.03, 0.94, 0.03]]  # which the model is sure of
+    found = confident_learning(p, given, method)
+    assert sorted(found.label_issues) == [5, 40]
+    assert found.suggested[5] == 0 and found.suggested[40] == 1
+    assert np.array_equal(np.delete(found.suggested, [5, 40]), np.delete(given, [5, 40]))
+    assert found.confident_joint[1, 0] == 1 and found.confident_joint[2, 1] == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_clean_set_flags_nothing(method):
+    labels = np.repeat(np.arange(4), 25)
+    found = confident_learning(constructed(labels, labels, seed=3), labels, method)
+    assert len(found.label_issues) == 0
+    assert np.all(found.noise_rates == 0)
+
+
+def test_each_class_has_its_own_threshold_the_mean_self_confidence():
+    labels = np.array([0, 0, 1, 1, 1])
+    p = np.array([[0.9, 0.1], [0.7, 0.3], [0.4, 0.6], [0.2, 0.8], [0.0, 1.0]])
+    found = confident_learning(p, labels)
+    np.testing.assert_allclose(found.thresholds, [0.8, 0.8])
+    p[:, 1] = [0.1, 0.3, 0.5, 0.5, 0.5]
+    p[:, 0] = 1 - p[:, 1]
+    np.testing.assert_allclose(confident_learning(p, labels).thresholds, [0.8, 0.5])
+
+
+def test_a_low_threshold_class_claims_an_image_the_argmax_would_not():
+    # Class 1 is hard (mean self-confidence 0.4): an image labelled 0 with p_1 = 0.45 counts
+    # for class 1 although class 0 is its most probable class, and p_0 is below class 0's
+    # threshold, so confident learning flags it.
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.05, 0.05, 0.05, 0.45, 0.4, 0.4, 0.4])
+    p = np.stack([1 - p1, p1], axis=1)
+    found = confident_learning(p, labels, "confident_joint")
+    assert list(found.label_issues) == [3] and found.suggested[3] == 1
+    assert found.noise_rates[0] == pytest.approx(0.25)
+
+
+def test_ambiguous_images_are_claimed_by_two_classes_and_not_issues():
+    labels = np.repeat(np.arange(3), 10)
+    p = constructed(labels, labels, seed=1)
+    p[7] = [0.49, 0.49, 0.02]  # labelled 0, with class 1 as likely
+    found = confident_learning(p, labels)
+    assert 7 not in found.label_issues
+    assert list(found.ambiguous) == [7]
+
+
+def test_confident_learning_checks_its_inputs():
+    with pytest.raises(ConfigError, match="method"):
+        confident_learning(np.eye(2), np.array([0, 1]), "vote")
+    with pytest.raises(ConfigError, match="probabilities"):
+        confident_learning(np.eye(2), np.array([0, 1, 1]))
+
+
+def test_the_softmax_head_learns_separable_classes_the_same_way_every_time():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    features = rng.normal(0, 0.3, (60, 5)) + np.eye(3, 5)[labels] * 3
+    first = train_softmax_head(features, labels, 3)
+    assert np.mean(first.predict(features).argmax(axis=1) == labels) == 1.0
+    np.testing.assert_array_equal(first.weights, train_softmax_head(features, labels, 3).weights)
+    with pytest.raises(ConfigError, match="labels"):
+        train_softmax_head(features, labels + 1, 3)
+
+
+def test_an_images_probabilities_do_not_depend_on_its_own_label():
+    # With the folds fixed, changing image 0's label changes the heads of the other folds
+    # (they train on it) but not the one that scores image 0 (it never sees it).
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(2), 20)
+    features = rng.normal(0, 1, (40, 8)) + labels[:, None]
+    folds = stratified_folds(labels, 4, seed=0)
+    before, _ = out_of_sample_probabilities(features, labels, 2, folds)
+    flipped = labels.copy()
+    flipped[0] = 1 - flipped[0]
+    after, _ = out_of_sample_probabilities(features, flipped, 2, folds)
+    same_fold = folds == folds[0]
+    np.testing.assert_array_equal(after[same_fold], before[same_fold])
+    assert not np.allclose(after[~same_fold], before[~same_fold])
+
+
+def test_out_of_sample_probabilities_cannot_memorise_random_labels():
+    # 60 random 200-dimensional points with random labels: a head that saw an image
+    # memorises its label; one that did not can only guess.
+    rng = np.random.default_rng(2)
+    features = rng.normal(0, 1, (60, 200))
+    labels = rng.integers(0, 2, 60)
+    seen = train_softmax_head(features, labels, 2, weight_decay=1e-4).predict(features)
+    assert np.mean(seen[np.arange(60), labels]) > 0.9
+    unseen, fold_of = out_of_sample_probabilities(features, labels, 2, folds=5,
+                                                  weight_decay=1e-4)
+    assert np.mean(unseen[np.arange(60), labels]) < 0.65
+    assert sorted(np.bincount(fold_of)) == [12] * 5
+
+
+def test_stratified_folds_spread_every_class():
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 3)
+    folds = stratified_folds(labels, 3, seed=0)
+    for label in range(3):
+        assert len(set(folds[labels == label])) == 3
+    assert sorted(np.bincount(folds)) == [6, 6, 6]
+
+
+def test_an_image_far_from_every_class_is_an_outlier():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 30)
+    centres = np.zeros((2, 10))
+    centres[0, 0] = centres[1, 1] = 5.0
+    features = centres[labels] + rng.normal(0, 0.5, (60, 10))
+    features[13] = 0.0
+    features[13, 7] = -6.0  # in a direction no class has
+    scores, outliers = find_outliers(features, labels, 2)
+    assert list(outliers) == [13]
+    assert scores[13] == scores.min()
+
+
+# --- The whole audit and the command ----------------------------------------------------------
+
+
+@pytest.fixture
+def mislabelled(image_folder):
+    """Three classes of 12 bar images; `a_000.png` moved into class b, a broken file in c."""
+    root = image_folder(classes=("a", "b", "c"), per_class=12, size=16)
+    shutil.move(root / "a" / "a_000.png", root / "b" / "a_000.png")
+    (root / "c" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def audit_args(root, tmp_path, *extra):
+    return ["audit", str(root), "--backbone", "scratch", "--weights", "none",
+            "--image-size", "16", "--cache-dir", str(tmp_path / "cache"), "--output-dir",
+            str(tmp_path / "out"), *extra]
+
+
+def test_the_command_writes_csv_json_and_png_and_reports_the_broken_file(mislabelled,
+                                                                         tmp_path):
+    result = CliRunner().invoke(main, audit_args(mislabelled, tmp_path))
+    assert result.exit_code == 0, result.output
+    moved = str(mislabelled / "b" / "a_000.png")
+    assert f"{moved}: b -> a" in result.output
+    assert "broken.png: not an image" in result.output
+    with open(tmp_path / "out" / "audit.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 36
+    assert rows[0]["file"] == moved and rows[0]["label_issue"] == "True"
+    assert (rows[0]["given"], rows[0]["suggested"]) == ("b", "a")
+    summary = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert summary["counts"]["images"] == 36 and summary["counts"]["skipped"] == 1
+    assert summary["skipped"][0]["file"].endswith("broken.png")
+    assert summary["label_issues"][0]["file"] == moved
+    assert summary["settings"]["folds"] == 5 and summary["settings"]["backbone"] == "scratch"
+    assert set(summary["classes"]) == {"a", "b", "c"}
+    png = (tmp_path / "out" / "audit.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_a_rerun_takes_the_features_from_the_cache(mislabelled, tmp_path):
+    options = dict(backbone="scratch", weights="none", image_size=16,
+                   cache_dir=tmp_path / "cache", verbose=0)
+    first = audit_labels(mislabelled, **options)
+    second = audit_labels(mislabelled, **options)
+    assert not first.settings["features_from_cache"]
+    assert second.settings["features_from_cache"]
+    np.testing.assert_array_equal(first.probabilities, second.probabilities)
+    assert list(first.label_issues) == list(second.label_issues)
+
+
+def test_json_format_prints_the_summary(mislabelled, tmp_path):
+    result = CliRunner().invoke(main, audit_args(mislabelled, tmp_path, "--format", "json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["images"] == 36
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--folds", "1"], "`--folds` must be an integer >= 2"),
+    (["--folds", "20"], "every class needs at least `--folds` (20)"),
+    (["--image-size", "4"], "`--image-size` must be an integer >= 8"),
+    (["--backbone", "nope"], "`--backbone` must be one of"),
+])
+def test_bad_settings_are_named_by_their_flags(mislabelled, tmp_path, extra, message):
+    result = CliRunner().invoke(main, audit_args(mislabelled, tmp_path, *extra))
+    assert result.exit_code == 1
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_folder_with_one_class_is_refused(image_folder, tmp_path):
+    root = image_folder(classes=("only",), per_class=6)
+    result = CliRunner().invoke(main, audit_args(root, tmp_path))
+    assert result.exit_code == 1 and "has only one class ('only')" in result.output
+
+
+def test_the_library_names_its_arguments(mislabelled):
+    with pytest.raises(ConfigError, match="`method` must be one of"):
+        audit_labels(mislabelled, method="vote")
+    with pytest.raises(ConfigError, match=r"Unknown option\(s\) \['fold'\]"):
+        audit_labels(mislabelled, fold=3)
+    with pytest.raises(DataError, match="does not exist"):
+        audit_labels(mislabelled / "missing", backbone="scratch", weights="none",
+                     image_size=16, verbose=0)
