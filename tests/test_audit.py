@@ -5,6 +5,7 @@ reports and names bad input."""
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,20 @@ def test_the_library_names_its_arguments(mislabelled):
     with pytest.raises(DataError, match="does not exist"):
         audit_labels(mislabelled / "missing", backbone="scratch", weights="none",
                      image_size=16, verbose=0)
+
+
+def test_a_label_file_is_audited_like_class_folders(image_folder, tmp_path):
+    """The same images with a wrong label in a CSV (the files stay in their right folders):
+    the audit reads the labels from the file and flags that row's image."""
+    root = image_folder(classes=("a", "b", "c"), per_class=12, size=16)
+    rows = ["path,label"] + [f"{p.relative_to(root)},{p.parent.name}"
+                             for p in sorted(root.glob("*/*.png"))]
+    rows[1] = "a/a_000.png,b"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(main, audit_args(root, tmp_path, "--labels", str(labels)))
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "out" / "audit.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    assert Path(first["file"]) == root / "a" / "a_000.png"
+    assert (first["given"], first["suggested"], first["label_issue"]) == ("b", "a", "True")

@@ -1,7 +1,7 @@
 """`tlkit audit`: the images of a labelled folder that are likely labelled wrong, ambiguous
 or unlike every class.
 
-    DATA_DIR --scan_folder--> files and their given labels
+    DATA_DIR (or a label file) --scan_data--> files and their given labels
         --decode_images--> uint8 images (unreadable files skipped and listed)
         --the frozen backbone, once (FeatureEngine; FeatureCache keyed by content)--> features
         --k-fold softmax heads: each image scored by the head that never saw it--> p (n, K)
@@ -57,7 +57,7 @@ import numpy as np
 from tlkit.api import resolve_config
 from tlkit.backbones import get_backbone
 from tlkit.config import AUDIT_METHODS, AuditConfig, build_config
-from tlkit.data import Split, decode_images, scan_folder, survey_folder
+from tlkit.data import Split, decode_images, scan_data, survey_folder
 from tlkit.errors import ConfigError, DataError
 from tlkit.features import FeatureCache, FeatureEngine, split_features
 from tlkit.models import build_backbone, build_classifier
@@ -596,7 +596,7 @@ def audit_labels(data_dir=None, *, config=None, output_dir=None, **options):
     started = time.perf_counter()
     config = _audit_config(data_dir, config, options)
     backbone, weights, image_size = _resolve_model(config)
-    scan = scan_folder(config.data_dir)  # the one place the labels are read
+    scan = scan_data(config.data_dir, config.labels)  # the one place labels are read
     _check_classes(scan, np.asarray(scan.labels, np.int64), config.folds)
     computed = image_features(scan.files, backbone, weights, image_size, config.resize,
                               cache_dir=config.cache_dir, feature_cache=config.feature_cache,
@@ -646,12 +646,13 @@ def _audit_config(data_dir, config, options):
 def _resolve_model(config):
     """`(backbone, weights, image_size)` with "auto" resolved as `tlkit.fit` resolves it
     (`tlkit.api.resolve_config`, on the same survey of the folder)."""
-    fit_config = build_config(data_dir=config.data_dir, backbone=config.backbone,
+    fit_config = build_config(data_dir=config.data_dir, labels=config.labels,
+                              backbone=config.backbone,
                               weights=config.weights, image_size=config.image_size,
                               resize=config.resize, verbose=0)
     survey = None
     if "auto" in (config.backbone, config.image_size):
-        survey = survey_folder(config.data_dir)
+        survey = survey_folder(config.data_dir, labels=config.labels)
     resolved = resolve_config(fit_config, survey)
     return resolved.model.backbone, resolved.model.weights, resolved.data.image_size
 

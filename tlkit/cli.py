@@ -405,7 +405,7 @@ def doctor(data_dir, labels, val_split, test_split, seed, min_size, no_near_dupl
 @format_option(["table", "json"])
 @_user_errors
 def audit(data_dir, output_dir, output_format, **options):
-    """Find images of DATA_DIR (one subfolder per class) that are likely labelled wrong.
+    """Find images of DATA_DIR (one subfolder per class, or --labels) likely labelled wrong.
 
     Computes the frozen backbone's features once (cached: a rerun skips the backbone),
     scores every image by a softmax head trained on the other folds, and applies confident
@@ -419,6 +419,7 @@ def audit(data_dir, output_dir, output_format, **options):
       tlkit audit ./photos
       tlkit audit ./photos --backbone resnet50 --folds 10 --output-dir reports/audit
       tlkit audit ./photos --format json
+      tlkit audit ./photos --labels ./photos/labels.csv
     """
     from tlkit.audit import audit_labels
 

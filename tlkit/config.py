@@ -369,6 +369,7 @@ class AuditConfig:
     data and model settings mean what they mean for `fit` and resolve as fit resolves them."""
 
     data_dir: str = _same_setting(DataConfig, "data_dir")
+    labels: str | None = _same_setting(DataConfig, "labels")
     backbone: str = _same_setting(ModelConfig, "backbone")
     weights: str = _same_setting(ModelConfig, "weights")
     image_size: int | str = _same_setting(DataConfig, "image_size")
@@ -391,9 +392,10 @@ class AuditConfig:
     verbose: int = _setting(1, "0: silent, 1: progress bars.", flags=())
 
     def __post_init__(self):
-        _paths_to_str(self, "data_dir", "cache_dir")
-        DataConfig(self.data_dir, image_size=self.image_size, resize=self.resize,
-                   cache_dir=self.cache_dir, workers=self.workers)  # checked as fit checks
+        _paths_to_str(self, "data_dir", "labels", "cache_dir")
+        DataConfig(self.data_dir, labels=self.labels, image_size=self.image_size,
+                   resize=self.resize, cache_dir=self.cache_dir,
+                   workers=self.workers)  # checked as fit checks
         ModelConfig(backbone=self.backbone, weights=self.weights)
         check_number("folds", self.folds, 2, 100, integer=True)
         check_number("weight_decay", self.weight_decay, 0.0, 100.0, low_open=True)
