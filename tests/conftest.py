@@ -1,5 +1,6 @@
 """Shared fixtures: tiny generated image folders, the bundled digits, quiet TensorFlow."""
 
+import fcntl
 import os
 import struct
 import sys
@@ -65,13 +66,25 @@ def digits_dir():
 @pytest.fixture(scope="session")
 def digits_export(tmp_path_factory):
     """A small classifier trained on the bundled digits at 16 px and exported:
-    `saved_models/digits/1` under a temporary folder. Shared by the serving tests."""
+    `saved_models/digits/1` under a temporary folder. Shared by the serving tests, and by
+    pytest-xdist's workers: the first to need it trains it under a lock, the others wait and
+    read it."""
     import tlkit
 
-    base = tmp_path_factory.mktemp("digits_export")
-    result = tlkit.fit(DIGITS, flip="none", epochs=3, image_size=16, name="digits",
-                       export_dir=base / "saved_models", runs_dir=base / "runs", verbose=0)
-    return result.export_path
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        base = tmp_path_factory.mktemp("digits_export")
+    else:  # every worker's basetemp has the same parent
+        base = tmp_path_factory.getbasetemp().parent / "digits_export"
+        base.mkdir(exist_ok=True)
+    export = base / "saved_models" / "digits" / "1"
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (export / "saved_model.pb").is_file():
+            result = tlkit.fit(DIGITS, flip="none", epochs=3, image_size=16, name="digits",
+                               export_dir=base / "saved_models", runs_dir=base / "runs",
+                               verbose=0)
+            assert Path(result.export_path) == export
+    return export
 
 
 @pytest.fixture(scope="session")
