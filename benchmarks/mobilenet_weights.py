@@ -21,6 +21,7 @@ The check classifies scikit-image's `coffee` photo through tlkit's image contrac
 registry's preprocessing: ImageNet class 967, espresso.
 """
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -140,11 +141,20 @@ def make_weight_files(keras_home, sdist_dir=None):
 
 
 def ensure_weight_files(keras_home, sdist_dir=None):
-    """Makes the weight files unless every one of them is already in `keras_home`."""
+    """Makes the weight files unless every one of them is already in `keras_home`.
+
+    Processes that call this at once (pytest-xdist's workers) take turns on a lock file in
+    `keras_home`: the first makes the files, the others find them made.
+    """
     files = weight_files(keras_home)
     if all(path.is_file() for path in files):
         return files
-    return make_weight_files(keras_home, sdist_dir)
+    Path(keras_home).mkdir(parents=True, exist_ok=True)
+    with open(Path(keras_home) / ".mobilenet_weights.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all(path.is_file() for path in files):
+            return files
+        return make_weight_files(keras_home, sdist_dir)
 
 
 def classify_photo(image, top=5):

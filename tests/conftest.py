@@ -1,11 +1,13 @@
 """Shared fixtures: tiny generated image folders, the bundled digits, quiet TensorFlow."""
 
+import fcntl
 import os
 import struct
 import sys
 import zlib
 
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,15 +65,36 @@ def digits_dir():
 
 
 @pytest.fixture(scope="session")
-def digits_export(tmp_path_factory):
-    """A small classifier trained on the bundled digits at 16 px and exported:
-    `saved_models/digits/1` under a temporary folder. Shared by the serving tests."""
+def digits_run(tmp_path_factory):
+    """The scratch CNN trained on the bundled digits at 16 px for 4 epochs, with a 20% test
+    split, and exported: `export_path` (`saved_models/digits/1`) and `run_dir` under a
+    temporary folder. Shared by the serving and TFLite tests, and by pytest-xdist's workers:
+    the first to need it trains it under a lock, the others wait and read it. Tests read
+    it and write nothing into it."""
     import tlkit
 
-    base = tmp_path_factory.mktemp("digits_export")
-    result = tlkit.fit(DIGITS, flip="none", epochs=3, image_size=16, name="digits",
-                       export_dir=base / "saved_models", runs_dir=base / "runs", verbose=0)
-    return result.export_path
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        base = tmp_path_factory.mktemp("digits_run")
+    else:  # every worker's basetemp has the same parent
+        base = tmp_path_factory.getbasetemp().parent / "digits_run"
+        base.mkdir(exist_ok=True)
+    export = base / "saved_models" / "digits" / "1"
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (export / "saved_model.pb").is_file():
+            result = tlkit.fit(DIGITS, backbone="scratch", image_size=16, epochs=4,
+                               test_split=0.2, augment="none", flip="none", name="digits",
+                               export_dir=base / "saved_models", runs_dir=base / "runs",
+                               verbose=0)
+            assert Path(result.export_path) == export
+    (run_dir,) = (base / "runs" / "digits").iterdir()
+    return SimpleNamespace(export_path=export, run_dir=run_dir)
+
+
+@pytest.fixture(scope="session")
+def digits_export(digits_run):
+    """`digits_run`'s export folder."""
+    return digits_run.export_path
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,13 @@
 import json
 from pathlib import Path
 
+import keras
 from click.testing import CliRunner
 
 from conftest import DIGITS
 from tlkit.cli import main as cli
-from tlkit.models import build_backbone
+from tlkit.export import export_classifier
+from tlkit.models import build_backbone, build_classifier
 
 
 def run(*args):
@@ -40,3 +42,17 @@ def test_inspect_counts_the_backbones_parameters():
     output = run("inspect", "--backbone", "lenet5", "--image-size", 32).output
     assert f"{build_backbone('lenet5', 32).count_params():,}" in output
     assert "c5" in output and "trainable" in output
+
+
+def test_inspect_model_takes_an_export_through_its_run_folder(digits_run, tmp_path):
+    by_run = run("inspect", "--model", digits_run.run_dir).output
+    model = keras.saving.load_model(digits_run.run_dir / "model.keras")
+    assert f"{model.count_params():,}" in by_run
+    assert run("inspect", "--model", digits_run.export_path).output == by_run
+    assert run("inspect", "--model", digits_run.export_path.parent).output == by_run
+
+    bare = export_classifier(build_classifier("scratch", 2, 16), ["a", "b"], tmp_path, "bare",
+                             image_size=16, resize="squash")
+    refused = CliRunner().invoke(cli, ["inspect", "--model", str(bare)])
+    assert refused.exit_code == 2
+    assert "without its run folder" in refused.output and "--model" in refused.output

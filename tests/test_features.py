@@ -3,7 +3,6 @@ it is stale."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tlkit
 from tlkit.augment import build_augmenter

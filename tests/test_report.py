@@ -1,10 +1,14 @@
 """The training report: TensorBoard logs per epoch and a model card in the export."""
 
+import importlib.util
+
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
 import tlkit
+from tlkit.errors import ConfigError
 
 
 def scalars(folder):
@@ -43,3 +47,15 @@ def test_tensorboard_is_off_by_default(image_folder, tmp_path):
                        augment="none", flip="none", verbose=0, runs_dir=tmp_path / "runs",
                        export_dir=tmp_path / "sm")
     assert not (result.run_dir / "tensorboard").exists()
+
+
+def test_tensorboard_without_its_package_says_how_to_install_it(image_folder, tmp_path,
+                                                               monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboard"
+                        else find_spec(name, *args))
+    with pytest.raises(ConfigError, match="needs the tensorboard package: pip install"):
+        tlkit.fit(image_folder(per_class=6, size=16), image_size=16, epochs=1,
+                  tensorboard=True, augment="none", flip="none", verbose=0,
+                  runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm")

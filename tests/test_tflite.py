@@ -2,14 +2,17 @@
 shrinks the file, and agrees with the SavedModel on held-out digits."""
 
 import csv
+import shutil
+from types import SimpleNamespace
 
+import keras
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 from click.testing import CliRunner
 
 import tlkit
-from conftest import DIGITS, write_image_folder
+from conftest import write_image_folder
 from tlkit.cli import main
 from tlkit.data import decode_images
 from tlkit.errors import ConfigError, ExportError
@@ -29,12 +32,14 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def result(base):
-    """The scratch CNN (conv-BN blocks, about 67k parameters at 16 px) trained on the digits."""
-    return tlkit.fit(str(DIGITS), backbone="scratch", weights="none", image_size=SIZE,
-                     epochs=4, test_split=0.2, augment="none", flip="none",
-                     export_dir=str(base / "saved_models"), runs_dir=str(base / "runs"),
-                     verbose=0)
+def result(base, digits_run):
+    """The shared digits run (conftest's `digits_run`: the scratch CNN, conv-BN blocks, about
+    67k parameters at 16 px), its export copied here: these tests write TFLite files beside
+    the versions."""
+    export = base / "saved_models" / "digits" / "1"
+    shutil.copytree(digits_run.export_path, export)
+    model = keras.saving.load_model(digits_run.run_dir / "model.keras")
+    return SimpleNamespace(export_path=export, run_dir=digits_run.run_dir, model=model)
 
 
 def _split_rows(result, name):

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import importlib.util
 import itertools
 import json
 import os
@@ -705,11 +706,9 @@ def _tensorboard(config, run_dir):
         return None
     import tensorflow as tf
 
-    try:
-        import tensorboard  # noqa: F401  (tf.summary needs it installed)
-    except ImportError:
+    if importlib.util.find_spec("tensorboard") is None:  # tf.summary needs it installed
         raise ConfigError("`tensorboard=True` needs the tensorboard package: pip install "
-                          "tensorboard (or tlkit[tensorboard]).") from None
+                          "tensorboard (or tlkit[tensorboard]).")
 
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
 

@@ -16,6 +16,7 @@ import json
 import re
 import sys
 import typing
+from pathlib import Path
 
 import click
 
@@ -596,11 +597,31 @@ def serve(model_path, export_dir, name, host, port, grpc_port, no_grpc, max_batc
                f"{stats.batches} forward passes).")
 
 
+def _run_of_export(path):
+    """The run folder an export made by `tlkit fit` records, for a path to an export (or to
+    a model folder of versions); any other path as it is."""
+    from tlkit.export import read_metadata, resolve_export
+
+    path = Path(path)
+    if not (path / "saved_model.pb").is_file() and not any(
+            (p / "saved_model.pb").is_file() for p in path.glob("[0-9]*")):
+        return path
+    export = resolve_export(path)
+    run_dir = read_metadata(export).get("run_dir")
+    if not run_dir or not Path(run_dir, "model.keras").is_file():
+        raise click.BadParameter(
+            f"{str(export)!r} is an export without its run folder (the SavedModel holds no "
+            "Keras layers to inspect); pass the run folder or model.keras instead.",
+            param_hint="--model")
+    return Path(run_dir)
+
+
 @main.command("inspect")
 @click.option("--backbone", help="A registered backbone (see `tlkit backbones`).")
 @click.option("--image-size", type=int, help="Input side [default: the backbone's].")
 @click.option("--model", "model_path", type=click.Path(exists=True),
-              help="A tlkit run folder or .keras file instead of a bare backbone.")
+              help="A trained model instead of a bare backbone: an export made by `tlkit "
+              "fit` (read from the run folder it names), a run folder or a .keras file.")
 @_user_errors
 def inspect_command(backbone, image_size, model_path):
     """Per-layer table: output size, parameters, receptive field, jump and MACs.
@@ -614,6 +635,7 @@ def inspect_command(backbone, image_size, model_path):
     Example:
       tlkit inspect --backbone resnet50 --image-size 224
       tlkit inspect --backbone lenet5
+      tlkit inspect --model saved_models/digits/1
       tlkit inspect --model runs/digits/20250101-120000
     """
     from tlkit.inspection import (format_table, inspect_backbone, inspect_model, stage_table,
@@ -624,7 +646,7 @@ def inspect_command(backbone, image_size, model_path):
     if model_path:
         from tlkit.models import keras_model_file, load_keras_model
 
-        rows = inspect_model(load_keras_model(keras_model_file(model_path)))
+        rows = inspect_model(load_keras_model(keras_model_file(_run_of_export(model_path))))
         click.echo(format_table(rows, summarize(rows)))
         return
     from tlkit.backbones import get_backbone
