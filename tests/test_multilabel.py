@@ -200,22 +200,32 @@ def test_thresholds_maximise_each_labels_f1():
                   [0.1, 0.35, 0.3],
                   [0.3, 0.1, 0.9]], np.float32)
     # label 0: positives 0.9, 0.4, 0.3 against negatives 0.6, 0.1. Thresholds: 0.9 -> F1 0.5,
-    # 0.6 -> 0.4, 0.4 -> 2*2/(3+3) = 0.667, 0.3 -> 2*3/(4+3) = 0.857, 0.1 -> 0.75: 0.3.
+    # 0.6 -> 0.4, 0.4 -> 2*2/(3+3) = 0.667, 0.3 -> 2*3/(4+3) = 0.857, 0.1 -> 0.75: 0.3 wins,
+    # and the threshold is halfway down to the next probability, 0.1: 0.2.
     # label 1: positives 0.8, 0.3; negatives 0.35, 0.2, 0.1: 0.8 -> 0.667, 0.35 -> 0.5,
-    # 0.3 -> 2*2/(3+2) = 0.8, 0.2 -> 0.667: 0.3. label 2 has no positive: 0.5.
+    # 0.3 -> 2*2/(3+2) = 0.8, 0.2 -> 0.667: 0.3 wins; halfway to 0.2: 0.25.
+    # label 2 has no positive: 0.5.
     thresholds = choose_thresholds(y, p)
-    assert thresholds == pytest.approx([0.3, 0.3, 0.5])
-    assert thresholds[0] == float(np.float32(0.3))  # exactly the float32 the graph compares
+    assert thresholds == pytest.approx([0.2, 0.25, 0.5])
+    assert thresholds[1] == float(np.float32(0.25))  # exactly the float32 the graph compares
+    predicted = p >= np.asarray(thresholds, np.float32)
+    assert predicted[:, 0].tolist() == [True, True, True, False, True]
+    assert predicted[:, 1].tolist() == [False, True, True, True, False]
 
 
 def test_threshold_ties_go_to_the_lower_threshold():
     # 0.8 alone: F1 = 2/(1+2) = 0.667; down to 0.2 (all four): 2*2/(4+2) = 0.667 too; 0.6:
-    # 2*1/(2+2) = 0.5; 0.4: 2*2/(3+2) = 0.8 wins.
+    # 2*1/(2+2) = 0.5; 0.4: 2*2/(3+2) = 0.8 wins; halfway down to 0.2: 0.3.
     assert choose_thresholds([[1], [0], [1], [0]], [[0.8], [0.6], [0.4], [0.2]]) == \
-        pytest.approx([0.4])
-    # Equal F1 at 0.8 (2/3) and at 0.2 (2*2/(4+2) = 2/3), nothing better in between.
+        pytest.approx([0.3])
+    # Equal F1 at 0.8 (2/3) and at 0.2 (2*2/(4+2) = 2/3), nothing better in between: the
+    # lower, 0.2, the lowest probability, so halfway down to 0: 0.1.
     assert choose_thresholds([[1], [0], [0], [1]], [[0.8], [0.6], [0.4], [0.2]]) == \
-        pytest.approx([0.2])
+        pytest.approx([0.1])
+    # Adjacent float32 values have no float32 between them: the winner itself is used.
+    low = np.float32(0.5)
+    high = np.nextafter(low, np.float32(1))
+    assert choose_thresholds([[1], [0]], [[high], [low]]) == [float(high)]
 
 
 def test_average_precision_against_hand_computed_values():

@@ -356,8 +356,9 @@ def _export(run, model, probabilities, metrics, evaluation, schedule, history, t
 
 
 def _print_summary(run, metrics, export_path, timings):
+    accuracy = "label accuracy" if run.data.multi_label else "accuracy"
     for name, values in metrics.items():
-        print(f"{name}: loss={values['loss']:.4f} accuracy={values['accuracy']:.4f}")
+        print(f"{name}: loss={values['loss']:.4f} {accuracy}={values['accuracy']:.4f}")
     print(f"Run folder: {run.dir}")
     print(f"Exported: {export_path}")
     print(_Clock.line(timings))

@@ -766,7 +766,8 @@ class ImageData:
     def summary(self):
         """A text table of images per class per split, then skipped files and warnings."""
         names = [s for s in SPLITS if s in self.splits]
-        width = max(len("class"), *(len(c) for c in self.class_names))
+        width = max(len("images" if self.multi_label else "class"),
+                    *(len(c) for c in self.class_names))
         lines = ["  ".join([f"{'class':<{width}}", *(f"{n:>6}" for n in names)])]
         counts = {n: self.splits[n].class_counts(self.num_classes) for n in names}
         for index, class_name in enumerate(self.class_names):

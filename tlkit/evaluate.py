@@ -144,7 +144,11 @@ def choose_thresholds(y_true, probabilities):
     For each label, the candidates are the probabilities the model gave that label; an
     image has the label when its probability is >= the threshold. The candidate with the
     highest F1 wins, the lowest of equal ones (ties go to the lower threshold, predicting
-    the label more often). A label with no positive image gets `DEFAULT_THRESHOLD`.
+    the label more often). Every threshold above the next lower probability and up to the
+    winner makes the same decisions on these images; the one returned is halfway between
+    the two (between 0 and the winner when it is the lowest), so an image scored a little
+    below the validation images that have the label still gets it. A label with no
+    positive image gets `DEFAULT_THRESHOLD`.
 
     Args:
         y_true: multi-hot matrix `(n, classes)`.
@@ -159,8 +163,8 @@ def choose_thresholds(y_true, probabilities):
 
     Example:
 
-    >>> choose_thresholds([[1], [0], [1]], [[0.9], [0.6], [0.3]])
-    [0.30000001192092896]
+    >>> choose_thresholds([[1], [0], [1], [0]], [[0.9], [0.6], [0.3], [0.1]])
+    [0.20000000298023224]
     """
     present, probabilities = _check_multi_label_inputs(y_true, probabilities, None)
     thresholds = []
@@ -174,7 +178,10 @@ def choose_thresholds(y_true, probabilities):
         hits = positive.sum() - np.searchsorted(np.sort(scores[positive]), candidates,
                                                 side="left")
         f1 = 2 * hits / (predicted + positive.sum())
-        thresholds.append(float(candidates[int(np.argmax(f1))]))
+        best = int(np.argmax(f1))
+        lower = candidates[best - 1] if best else np.float32(0.0)
+        middle = np.float32((float(lower) + float(candidates[best])) / 2)
+        thresholds.append(float(middle if middle > lower else candidates[best]))
     return thresholds
 
 
