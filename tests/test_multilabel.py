@@ -425,3 +425,49 @@ def test_head_trains_on_cached_features_with_multi_hot_labels(multi_label_run, c
     assert result.history[-1]["val_loss"] < 0.69  # learnt: below the chance BCE, ln 2
     meta = json.loads((result.export_path / "assets" / "tlkit.json").read_text())
     assert meta["multi_label"] and meta["evaluation"]["val"]["map"] > 0.9
+
+
+def test_evaluate_a_class_folder_tree_merges_copies_into_one_image(multi_label_run, tmp_path):
+    from tlkit.evaluate import evaluate_folder
+
+    _, export = multi_label_run
+    root = tmp_path / "tree"
+    for label, name in enumerate(LABELS):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(label_image((label,), 8000 + label * 10 + i, seed=3)).save(
+                root / name / f"{name}{i}.png")
+    Image.fromarray(label_image((0, 2), 8100, seed=3)).save(root / "a" / "both.png")
+    shutil.copy(root / "a" / "both.png", root / "c" / "both_again.png")
+    report = evaluate_folder(root, export, output_dir=tmp_path / "eval")
+    metrics = report.metrics
+    assert metrics["num_samples"] == 10  # 9 single-label images and one with a and c
+    assert metrics["per_class"]["a"]["support"] == 4
+    assert metrics["per_class"]["c"]["support"] == 4 and metrics["per_class"]["b"]["support"] == 3
+    assert metrics["subset_accuracy"] >= 0.8, report.to_text()
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == \
+        sorted(n for n in ("metrics.json", "mistakes.csv", "mistakes.png")
+               if n != "mistakes.png" or report.mistakes)
+
+
+def test_export_checks_its_thresholds(tmp_path):
+    from tlkit.export import export_classifier
+    from tlkit.models import build_classifier
+
+    model = build_classifier("scratch", 2, SIZE, multi_label=True)
+    common = dict(image_size=SIZE, resize="squash")
+    with pytest.raises(ExportError, match="one value in \\[0, 1\\] per class"):
+        export_classifier(model, ["a", "b"], tmp_path, "m", thresholds=[0.5], **common)
+    with pytest.raises(ExportError, match="cannot hold one"):
+        export_classifier(model, ["a;x", "b"], tmp_path, "m", thresholds=[0.5, 0.5], **common)
+    assert not (tmp_path / "m" / "1").exists()
+    path = export_classifier(model, ["a", "b"], tmp_path, "m", thresholds=[0.0, 1.0], **common)
+    meta = json.loads((path / "assets" / "tlkit.json").read_text())
+    assert meta["multi_label"] is True and meta["thresholds"] == [0.0, 1.0]
+    import tensorflow as tf
+
+    out = tf.saved_model.load(str(path)).signatures["predict_images"](
+        images=tf.zeros([2, SIZE, SIZE, 3]))
+    assert out["predicted"].numpy().tolist() == [[True, False], [True, False]]
+    assert [v.decode() for v in out["class_names"].numpy()] == ["a", "a"]
+    assert model.get_layer("predictions").activation.__name__ == "sigmoid"
