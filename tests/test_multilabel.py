@@ -471,3 +471,39 @@ def test_export_checks_its_thresholds(tmp_path):
     assert out["predicted"].numpy().tolist() == [[True, False], [True, False]]
     assert [v.decode() for v in out["class_names"].numpy()] == ["a", "a"]
     assert model.get_layer("predictions").activation.__name__ == "sigmoid"
+
+
+def test_a_split_column_and_a_validation_folder_work_with_multi_label(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for i, (labels, split) in enumerate([((0,), "train"), ((1,), "train"), ((0, 1), "train"),
+                                         ((0, 1), "val"), ((1,), "val"), ((0,), "test")]):
+        Image.fromarray(label_image(labels, i)).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{';'.join(LABELS[j] for j in labels)},{split}")
+    (folder / "labels.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    data = tdata.load_image_data(data_config(folder, labels=str(folder / "labels.csv")))
+    try:
+        assert data.fixed_split
+        assert data.splits["val"].labels.tolist() == [[1.0, 1.0], [0.0, 1.0]]
+        assert data.splits["val"].label_names(data.class_names) == ["a;b", "b"]
+        assert data.splits["test"].labels.tolist() == [[1.0, 0.0]]
+    finally:
+        data.close()
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    for root, offset in ((train, 0), (val, 50)):
+        for label, name in enumerate(LABELS[:2]):
+            (root / name).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(label_image((label,), offset + label * 10 + i)).save(
+                    root / name / f"{name}{i}.png")
+    Image.fromarray(label_image((0, 1), 99)).save(val / "a" / "both.png")
+    shutil.copy(val / "a" / "both.png", val / "b" / "both.png")
+    data = tdata.load_image_data(data_config(train, val_dir=str(val)))
+    try:
+        assert len(data.splits["val"]) == 9 and len(data.splits["train"]) == 8
+        assert data.splits["val"].class_counts(2).tolist() == [5, 5]
+        assert any(note.startswith(str(val)) and "merged into 1" in note for note in data.notes)
+    finally:
+        data.close()
