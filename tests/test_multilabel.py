@@ -380,18 +380,48 @@ def test_evaluate_cli_reports_per_label_metrics(multi_label_run, tmp_path):
     assert "subset accuracy" in table.output and "mAP" in table.output
 
 
-def test_rest_response_carries_the_multi_label_outputs(multi_label_run):
-    from tlkit.serve import ServedModel, format_predict_response
+def test_serve_answers_rest_and_grpc_with_the_multi_label_outputs(multi_label_run):
+    import base64
+    import urllib.request
+
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from tlkit.serve import ModelServer
 
     base, export = multi_label_run
-    model = ServedModel(export)
-    blob = (base / "photos" / "img" / "000.png").read_bytes()
-    arrays, _ = model.prepare("serving_default", {"image_bytes": np.array([blob], object)})
-    response = format_predict_response(model.run("serving_default", arrays), rows=True)
-    (prediction,) = response["predictions"]
-    assert set(prediction) == {"probabilities", "predicted", "class_names"}
-    assert prediction["class_names"] == "a" and prediction["predicted"] == [True, False, False]
-    json.dumps(response)
+    blobs = [(base / "photos" / "img" / f"{i:03d}.png").read_bytes() for i in (0, 30)]
+    want = tf.saved_model.load(str(export)).signatures["serving_default"](
+        image_bytes=tf.constant(blobs))
+    with ModelServer(export, port=0, grpc_port=0) as server:
+        body = {"instances": [{"image_bytes": {"b64": base64.b64encode(b).decode()}}
+                              for b in blobs]}
+        request = urllib.request.Request(server.rest_url + ":predict",
+                                         data=json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            rows = json.loads(response.read())["predictions"]
+        assert [set(row) for row in rows] == [{"probabilities", "predicted", "class_names"}] * 2
+        assert [row["class_names"] for row in rows] == \
+            [v.decode() for v in want["class_names"].numpy()]
+        assert [row["predicted"] for row in rows] == want["predicted"].numpy().tolist()
+        np.testing.assert_allclose([row["probabilities"] for row in rows],
+                                   want["probabilities"].numpy(), atol=1e-6)
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        try:
+            grpc_request = predict_pb2.PredictRequest()
+            grpc_request.model_spec.name = export.parent.name
+            grpc_request.model_spec.signature_name = "serving_default"
+            grpc_request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(blobs))
+            answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                grpc_request, 30)
+        finally:
+            channel.close()
+        np.testing.assert_array_equal(tf.make_ndarray(answer.outputs["predicted"]),
+                                      want["predicted"].numpy())
+        np.testing.assert_array_equal(tf.make_ndarray(answer.outputs["class_names"]),
+                                      want["class_names"].numpy())
 
 
 def test_tflite_refuses_a_multi_label_export_clearly(multi_label_run, tmp_path):

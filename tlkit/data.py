@@ -654,7 +654,7 @@ def split_multi_label_indices(label_matrix, fractions, seed):
     [0, 2, 4]
     """
     present = np.asarray(label_matrix) > 0.5
-    count, num_labels = present.shape
+    count = len(present)
     rng = np.random.default_rng(seed)
     held = [s for s in ("test", "val") if fractions.get(s, 0.0) > 0]
     ratio = {s: float(fractions.get(s, 0.0)) for s in held}
@@ -678,6 +678,7 @@ def split_multi_label_indices(label_matrix, fractions, seed):
             wanted[name] = wanted[name] - present[row]
             wanted_total[name] -= 1
             left[row] = False
+    assignment[assignment == ""] = "train"  # rows without a label
     for name in held:
         _give_missing_labels(present, assignment, name)
     return {name: np.flatnonzero(assignment == name) for name in SPLITS}
