@@ -537,3 +537,16 @@ def test_a_split_column_and_a_validation_folder_work_with_multi_label(tmp_path):
         assert any(note.startswith(str(val)) and "merged into 1" in note for note in data.notes)
     finally:
         data.close()
+
+
+def test_explain_signature_gives_the_multi_label_probabilities(multi_label_run):
+    import tensorflow as tf
+
+    base, export = multi_label_run
+    saved = tf.saved_model.load(str(export))
+    blob = tf.constant([(base / "photos" / "img" / "030.png").read_bytes()])  # a;b
+    served = saved.signatures["serving_default"](image_bytes=blob)["probabilities"].numpy()
+    explained = saved.signatures["explain"](image_bytes=blob,
+                                            class_ids=tf.constant([0], tf.int64))
+    np.testing.assert_allclose(explained["probabilities"].numpy(), served, atol=1e-5)
+    assert explained["heatmaps"].shape == (1, SIZE, SIZE)
