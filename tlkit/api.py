@@ -619,8 +619,7 @@ def _worker_fingerprint(config, data, model):
     items = {"class names": "\n".join(data.class_names)}
     for name, split in data.splits.items():
         items[f"{name} split"] = "\n".join(f"{digest} {label}" for digest, label in
-                                          zip(split.digests,
-                                              split.label_names(data.class_names)))
+                                          zip(split.digests, split.labels))
     items["settings"] = json.dumps(settings, sort_keys=True)
     items["initial weights"] = weights_digest(model)
     return items
