@@ -50,6 +50,7 @@ CHOICES = {"resize": tlkit_config.RESIZE_POLICIES, "cache": tlkit_config.CACHE_M
 # A value other than the default for every setting with a flag: (flag arguments, expected).
 SAMPLES = {
     "labels": (["--labels", "{file}"], "{file}"),
+    "multi_label": (["--multi-label"], True),
     "val_split": (["--val-split", "0.3"], 0.3),
     "test_split": (["--test-split", "0.1"], 0.1),
     "val_dir": (["--val-dir", "{folder}"], "{folder}"),

@@ -37,7 +37,7 @@ from tlkit.distribute import (agreed_resume_point, check_agreement, check_batch_
                               chief_text, connect, failures, for_training, precision_policy,
                               resolve_distribute, resolve_jit, worker_folder, worker_index)
 from tlkit.errors import ConfigError, DataError, TlkitError
-from tlkit.evaluate import evaluate_arrays
+from tlkit.evaluate import choose_thresholds, evaluate_arrays
 from tlkit.export import CALIBRATION_IMAGES, check_version_free, export_classifier
 from tlkit.files import write_atomically
 from tlkit.models import (build_backbone, build_classifier, describe_keras_file,
@@ -113,11 +113,11 @@ def fit(data_dir=None, *, config=None, resume=None, on_batch_end=None, **options
         history = [epoch for result in results for epoch in result.history]
         if not run.cluster.is_chief:
             return _worker_done(run, model, history)
-        probabilities, metrics, evaluation = _evaluate(run, model)
+        probabilities, metrics, evaluation, thresholds = _evaluate(run, model)
         schedule = _schedule_report(results)
         _write_run_folder(run, model, schedule, history)
         export_path = _export(run, model, probabilities, metrics, evaluation, schedule,
-                              history)
+                              history, thresholds)
         timings = run.clock.seconds()
         _write_json(run.dir / "result.json", {"export_path": str(export_path),
                                               "metrics": metrics, "schedule": schedule,
@@ -216,7 +216,8 @@ def _build_classifier(run, built, spec):
         return extend_classifier(previous, previous_classes, data.class_names,
                                  config.model.dropout)
     return build_classifier(spec.name, data.num_classes, config.data.image_size,
-                            config.model.dropout, backbone_model=built)
+                            config.model.dropout, backbone_model=built,
+                            multi_label=data.multi_label)
 
 
 def _open_run(run, model):
@@ -301,19 +302,23 @@ def _worker_done(run, model, history):
 
 
 def _evaluate(run, model):
-    """One forward pass per held-out split feeds its metrics and its evaluation report."""
+    """One forward pass per held-out split feeds its metrics and its evaluation report; a
+    multi-label run's thresholds are chosen on the validation split first (None for a
+    single-label run)."""
     data, batch = run.data, run.config.data.batch_size
     with run.clock.step("evaluation"):
         probabilities = {name: predict_probabilities(model, data.splits[name].images, batch)
                          for name in ("val", "test") if name in data.splits}
         metrics = {name: probability_metrics(data.splits[name].labels, values, batch)
                    for name, values in probabilities.items()}
+        thresholds = (choose_thresholds(data.splits["val"].labels, probabilities["val"])
+                      if data.multi_label else None)
         evaluation = {name: _evaluation_summary(evaluate_arrays(
             model, data.splits[name].images, data.splits[name].labels, data.class_names,
             output_dir=run.dir / f"evaluation_{name}", sources=data.splits[name].files,
-            probabilities=values))
+            probabilities=values, thresholds=thresholds))
             for name, values in probabilities.items()}
-    return probabilities, metrics, evaluation
+    return probabilities, metrics, evaluation, thresholds
 
 
 def _write_run_folder(run, model, schedule, history):
@@ -329,7 +334,7 @@ def _write_run_folder(run, model, schedule, history):
                      f"{config.model.backbone} at {config.data.image_size}px")
 
 
-def _export(run, model, probabilities, metrics, evaluation, schedule, history):
+def _export(run, model, probabilities, metrics, evaluation, schedule, history, thresholds):
     """The verified SavedModel version with its metadata and model card."""
     config, data = run.config, run.data
     with run.clock.step("export"):
@@ -347,13 +352,14 @@ def _export(run, model, probabilities, metrics, evaluation, schedule, history):
             verify_probabilities=probabilities["val"][:8],
             model_card=_model_card(config, data, schedule, evaluation),
             calibration_images=_calibration_sample(data.splits["train"], config.seed),
-            overwrite=config.export.overwrite,
+            overwrite=config.export.overwrite, thresholds=thresholds,
         )
 
 
 def _print_summary(run, metrics, export_path, timings):
+    accuracy = "label accuracy" if run.data.multi_label else "accuracy"
     for name, values in metrics.items():
-        print(f"{name}: loss={values['loss']:.4f} accuracy={values['accuracy']:.4f}")
+        print(f"{name}: loss={values['loss']:.4f} {accuracy}={values['accuracy']:.4f}")
     print(f"Run folder: {run.dir}")
     print(f"Exported: {export_path}")
     print(_Clock.line(timings))
@@ -730,7 +736,10 @@ def _model_card(config, data, schedule, evaluation):
         f"Image classifier trained by tlkit: backbone `{config.model.backbone}` (weights "
         f"`{config.model.weights}`{', continued from ' + config.model.init_from if config.model.init_from else ''}), "
         f"input {config.data.image_size}x{config.data.image_size} RGB, resize policy "
-        f"`{config.data.resize}`, {data.num_classes} classes.",
+        f"`{config.data.resize}`, "
+        + (f"{data.num_classes} labels, multi-label (a sigmoid per label, binary "
+           "cross-entropy, per-label thresholds)." if data.multi_label else
+           f"{data.num_classes} classes."),
         "",
         "## Data",
         "",
@@ -752,15 +761,17 @@ def _model_card(config, data, schedule, evaluation):
         lines.append(f"| {stage['stage']} | {stage['learning_rate']:g} | {stage['epochs']} | "
                      f"{stage['best_epoch']} | {best.get('val_loss', float('nan')):.4f} | "
                      f"{best.get('val_accuracy', float('nan')):.4f} | {stage['rolled_back']} |")
-    lines += ["", "## Metrics", "", "| split | images | accuracy | macro F1 | ECE |",
-              "| --- | --- | --- | --- | --- |"]
-    for name, summary in evaluation.items():
-        lines.append(f"| {name} | {summary['images']} | {summary['accuracy']:.4f} | "
-                     f"{summary['macro_f1']:.4f} | {summary['ece']:.4f} |")
+    lines += ["", "## Metrics", ""] + (_multi_label_card(evaluation) if data.multi_label else
+                                       _single_label_card(evaluation))
     lines += [
         "",
         "## Limitations",
         "",
+        "- Multi-label: each label has its own sigmoid probability and threshold (chosen on "
+        "the validation split to maximise that label's F1, so validation scores at those "
+        "thresholds are optimistic); an image may get several labels or none. It only knows "
+        "the labels above."
+        if data.multi_label else
         "- It only knows the classes above: every image gets one of them, however unlike the "
         "training data it is. Check the probabilities before trusting a prediction.",
         "- The validation split chose the training epochs, so its metrics are optimistic; the "
@@ -774,6 +785,32 @@ def _model_card(config, data, schedule, evaluation):
         "",
     ]
     return "\n".join(lines)
+
+
+def _single_label_card(evaluation):
+    lines = ["| split | images | accuracy | macro F1 | ECE |", "| --- | --- | --- | --- | --- |"]
+    for name, summary in evaluation.items():
+        lines.append(f"| {name} | {summary['images']} | {summary['accuracy']:.4f} | "
+                     f"{summary['macro_f1']:.4f} | {summary['ece']:.4f} |")
+    return lines
+
+
+def _multi_label_card(evaluation):
+    """The model card's multi-label metrics: per split, then per label and split."""
+    lines = ["| split | images | subset accuracy | mAP | micro F1 | macro F1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, summary in evaluation.items():
+        mean_ap = "-" if summary["map"] is None else f"{summary['map']:.4f}"
+        lines.append(f"| {name} | {summary['images']} | {summary['subset_accuracy']:.4f} | "
+                     f"{mean_ap} | {summary['micro_f1']:.4f} | {summary['macro_f1']:.4f} |")
+    lines += ["", "| label | split | threshold | precision | recall | F1 | AP | support |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, summary in evaluation.items():
+        for label, v in summary["per_class"].items():
+            ap = "-" if v["average_precision"] is None else f"{v['average_precision']:.4f}"
+            lines.append(f"| {label} | {name} | {v['threshold']:.4f} | {v['precision']:.4f} | "
+                         f"{v['recall']:.4f} | {v['f1']:.4f} | {ap} | {v['support']} |")
+    return lines
 
 
 def _split_description(config, fixed):
@@ -791,14 +828,20 @@ def _calibration_sample(split, seed):
     """Up to `CALIBRATION_IMAGES` images of `split` for int8 calibration: one per class in
     turn, each class's images in a seeded random order."""
     rng = np.random.default_rng(seed)
-    queues = [rng.permutation(np.flatnonzero(split.labels == label))
-              for label in np.unique(split.labels)]
+    labels = split.labels.argmax(axis=1) if split.labels.ndim == 2 else split.labels
+    queues = [rng.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
     turns = [i for turn in itertools.zip_longest(*queues) for i in turn if i is not None]
     return np.asarray(split.cache.array[split.indices[turns[:CALIBRATION_IMAGES]]])
 
 
 def _evaluation_summary(report):
     metrics = report.metrics
+    if metrics.get("multi_label"):
+        return {"subset_accuracy": metrics["subset_accuracy"], "map": metrics["map"],
+                "micro_f1": metrics["micro_avg"]["f1"], "macro_f1": metrics["macro_avg"]["f1"],
+                "label_accuracy": metrics["label_accuracy"],
+                "per_class": metrics["per_class"], "images": metrics["num_samples"],
+                "mistakes": len(report.mistakes)}
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_avg"]["f1"],
             "ece": metrics["ece"], "top_k_accuracy": metrics["top_k_accuracy"],
             "images": metrics["num_samples"], "mistakes": len(report.mistakes)}
@@ -853,7 +896,7 @@ def _write_csv(path, rows):
 
 
 def _write_splits(path, data):
-    rows = [{"file": file, "class": data.class_names[label], "split": name}
+    rows = [{"file": file, "class": label, "split": name}
             for name, split in data.splits.items()
-            for file, label in zip(split.files, split.labels)]
+            for file, label in zip(split.files, split.label_names(data.class_names))]
     _write_csv(path, rows)

@@ -302,6 +302,10 @@ def fit(data_dir, config_file, quiet, resume, **options):
 def predict(inputs, model_path, export_dir, top_k, output_format, batch_size):
     """Predict the top-k classes of image files or folders (searched recursively).
 
+    For a multi-label model, every label at or above its threshold comes first, with its
+    probability (table: `labels: a (97.1%), b (88.0%)`, or `labels: none`; json:
+    `predicted`; csv: `predicted`, `;`-separated), then the top-k by probability.
+
     A file that cannot be read gets an error line on stderr, the others are still
     predicted, and the exit code is then 1.
 
@@ -314,7 +318,7 @@ def predict(inputs, model_path, export_dir, top_k, output_format, batch_size):
 
     classifier = load(model_path, export_dir=export_dir)
     predictions = classifier.predict(list(inputs), top_k=top_k, batch_size=batch_size)
-    _PRINTERS[output_format](predictions, top_k)
+    _PRINTERS[output_format](predictions, top_k, classifier.multi_label)
     failed = [p for p in predictions if p.error]
     for p in failed:
         click.echo(f"Error: {p.source}: {p.error}", err=True)
@@ -322,26 +326,32 @@ def predict(inputs, model_path, export_dir, top_k, output_format, batch_size):
         sys.exit(1)
 
 
-def _print_table(predictions, top_k):
+def _print_table(predictions, top_k, multi_label):
     ok = [p for p in predictions if not p.error]
     width = max((len(p.source) for p in ok), default=4)
     for p in ok:
         ranked = "  ".join(f"{label} ({prob:.1%})" for label, prob in
                            zip(p.labels, p.probabilities))
+        if multi_label:
+            above = ", ".join(f"{label} ({prob:.1%})" for label, prob in p.predicted)
+            ranked = f"labels: {above or 'none'}  |  top {len(p.labels)}: {ranked}"
         click.echo(f"{p.source:<{width}}  {ranked}")
 
 
-def _print_json(predictions, top_k):
+def _print_json(predictions, top_k, multi_label):
     click.echo(json.dumps([p.to_dict() for p in predictions], indent=2))
 
 
-def _print_csv(predictions, top_k):
+def _print_csv(predictions, top_k, multi_label):
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(["file", *[f"{kind}_{i}" for i in range(1, top_k + 1)
-                               for kind in ("label", "probability")], "error"])
+    writer.writerow(["file", *(["predicted"] if multi_label else []),
+                     *[f"{kind}_{i}" for i in range(1, top_k + 1)
+                       for kind in ("label", "probability")], "error"])
     for p in predictions:
         cells = [c for pair in zip(p.labels, p.probabilities) for c in (pair[0], f"{pair[1]:.6f}")]
         cells += [""] * (2 * top_k - len(cells))
+        if multi_label:
+            cells.insert(0, ";".join(label for label, _ in p.predicted or []))
         writer.writerow([p.source, *cells, p.error or ""])
 
 

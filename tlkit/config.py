@@ -83,6 +83,10 @@ class DataConfig:
                                   "column (train, val, test) that fixes the split. Relative "
                                   "paths are looked up next to the CSV, then in the data "
                                   "folder.", shown="none: class subfolders")
+    multi_label: bool = _setting(False, "Each image may have several labels: a label file's "
+                                 "label cell lists them separated by ';' (cat;dog), and the "
+                                 "same image in several class folders has each of them. "
+                                 "Trains a sigmoid head with per-label thresholds.")
     val_split: float = _setting(0.2, "Fraction of each class held out for validation.")
     test_split: float = _setting(0.0, "Fraction of each class held out as a test set, never "
                                  "trained on, reported separately.")
@@ -116,6 +120,7 @@ class DataConfig:
                 "label file, with a split column (val). Received: "
                 f"labels={self.labels!r}, val_dir={self.val_dir!r}"
             )
+        check_bool("multi_label", self.multi_label)
         check_number("val_split", self.val_split, 0.0, 0.9)
         check_number("test_split", self.test_split, 0.0, 0.9)
         if self.val_split + self.test_split >= 1.0:
@@ -294,6 +299,16 @@ class FitConfig:
 
     def __post_init__(self):
         check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
+        if self.data.multi_label and self.train.class_weight != "none":
+            raise ConfigError(
+                "`class_weight` weighs one class per image, and a multi-label image has "
+                "several: leave it 'none' with `multi_label`. Received: "
+                f"multi_label=True, class_weight={self.train.class_weight!r}")
+        if self.data.multi_label and self.model.init_from is not None:
+            raise ConfigError(
+                "`init_from` continues a single-label (softmax) model; a multi-label run "
+                "starts a new head: use `weights` with the run's backbone.weights.h5 instead. "
+                f"Received: multi_label=True, init_from={self.model.init_from!r}")
 
     def to_dict(self):
         """The config as plain JSON-ready data."""

@@ -37,6 +37,9 @@ SPLIT_COLUMN = "split"
 MAX_LISTED_LINES = 10
 """Most bad lines of a label file one error message lists (it gives the total too)."""
 
+LABEL_SEPARATOR = ";"
+"""What separates the labels of one image in a label file's label cell (`multi_label`)."""
+
 
 def image_extensions():
     """The file extensions tlkit treats as images: every one Pillow registers a decoder for."""
@@ -56,6 +59,11 @@ class FolderScan:
     ignored: tuple  # (path, reason) of entries that are not images, not followed, repeated
     splits: tuple | None = None  # split name of each file, fixed by a label file, or None
     labels_file: str | None = None  # the label file read, or None for class subfolders
+    multi_label: bool = False  # labels holds a tuple of class indices per file
+
+    def label_matrix(self):
+        """The labels as a multi-hot float32 matrix `(files, classes)`."""
+        return multi_hot(self.labels, len(self.class_names))
 
     def describe(self):
         """Where the labels come from, for messages: the label file, or the data folder."""
@@ -64,7 +72,25 @@ class FolderScan:
         return f"Data folder {self.root!r}"
 
 
-def scan_data(data_dir, labels=None, class_names=None):
+def multi_hot(labels, num_classes):
+    """A float32 matrix `(n, num_classes)` with 1 at each class index of each row.
+
+    Args:
+        labels: per row, a class index or a sequence of class indices.
+        num_classes: the number of columns.
+
+    Example:
+
+    >>> multi_hot([0, (1, 2)], 3).tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    """
+    matrix = np.zeros((len(labels), num_classes), np.float32)
+    for row, label in enumerate(labels):
+        matrix[row, list(label) if isinstance(label, (tuple, list)) else label] = 1.0
+    return matrix
+
+
+def scan_data(data_dir, labels=None, class_names=None, multi_label=False):
     """Finds the labelled images of a data set: in class subfolders, or in a label file.
 
     Every reader of labelled images (`load_image_data`, `survey_folder`,
@@ -76,6 +102,10 @@ def scan_data(data_dir, labels=None, class_names=None):
         labels: a label file (see `scan_labels`), or `None` for class subfolders.
         class_names: expected classes (a validation folder, a model's classes); `None`
             takes the classes found.
+        multi_label: read a label file's label cells as `;`-separated label lists (see
+            `scan_labels`). Class folders are scanned as they are: the same image in
+            several of them is merged into one multi-label image after decoding
+            (`load_image_data`).
 
     Returns:
         A `FolderScan`.
@@ -85,7 +115,7 @@ def scan_data(data_dir, labels=None, class_names=None):
     """
     if labels is None:
         return scan_folder(data_dir, class_names)
-    return scan_labels(labels, data_dir, class_names)
+    return scan_labels(labels, data_dir, class_names, multi_label=multi_label)
 
 
 def scan_folder(data_dir, class_names=None):
@@ -182,7 +212,7 @@ def _walk_class(folder, extensions, ignored):
     return sorted(files)
 
 
-def scan_labels(labels_file, data_dir=None, class_names=None):
+def scan_labels(labels_file, data_dir=None, class_names=None, multi_label=False):
     """Reads a label file: a CSV with a header row and one image per row.
 
     Columns: `path` and `label`, and optionally `split` (`train`, `val` or `test`; then
@@ -207,6 +237,10 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
             label file's folder.
         class_names: expected classes (a model's); `None` takes the labels found. A
             label that is not one of them is an error.
+        multi_label: a label cell lists every label of its image, separated by `;`
+            (`cat;dog`; spaces around each are stripped, empty parts dropped, a cell with
+            no label left is an empty label). Class names are then the sorted distinct
+            labels, and the scan's `labels` holds a tuple of class indices per file.
 
     Returns:
         A `FolderScan` whose `root` is `data_dir` (or the label file's folder),
@@ -239,6 +273,9 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
     extensions = image_extensions()
     ignored, entries = [], {}  # entries: key -> (line, file, label, split)
     for line, path, label, split in rows:
+        if multi_label:
+            label = LABEL_SEPARATOR.join(sorted({part.strip() for part in
+                                                 label.split(LABEL_SEPARATOR)} - {""}))
         problem, file = _label_row_problem(path, label, split, split_column, bases,
                                            extensions)
         if problem:
@@ -265,11 +302,15 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
                         + "\n".join(listed) + (f"\n  ... and {more} more." if more else ""))
     if not entries:
         raise DataError(f"{where} lists no image: add rows `path,label` below its header.")
-    found = sorted({label for _, _, label, _ in entries.values()})
+    def parts(label):
+        return label.split(LABEL_SEPARATOR) if multi_label else [label]
+
+    found = sorted({part for _, _, label, _ in entries.values() for part in parts(label)})
     if class_names is not None:
         unknown = [label for label in found if label not in class_names]
         if unknown:
-            first = [min(e[0] for e in entries.values() if e[2] == label) for label in unknown]
+            first = [min(e[0] for e in entries.values() if label in parts(e[2]))
+                     for label in unknown]
             raise DataError(
                 f"{where} has labels {unknown} (first on line(s) {first}) that are not among "
                 f"the expected classes {list(class_names)}."
@@ -277,11 +318,17 @@ def scan_labels(labels_file, data_dir=None, class_names=None):
     else:
         class_names = found
     index = {name: i for i, name in enumerate(class_names)}
-    ordered = sorted(entries.values(), key=lambda e: (index[e[2]], e[1]))
+
+    def label_of(entry):
+        indices = tuple(sorted(index[part] for part in parts(entry[2])))
+        return indices if multi_label else indices[0]
+
+    ordered = sorted(entries.values(), key=lambda e: (index[parts(e[2])[0]], e[1]))
     root = str(data_dir) if data_dir is not None else str(source.parent)
     return FolderScan(root, tuple(class_names), tuple(e[1] for e in ordered),
-                      tuple(index[e[2]] for e in ordered), tuple(ignored),
-                      tuple(e[3] for e in ordered) if split_column else None, str(source))
+                      tuple(label_of(e) for e in ordered), tuple(ignored),
+                      tuple(e[3] for e in ordered) if split_column else None, str(source),
+                      multi_label=multi_label)
 
 
 def _read_label_rows(source, where):
@@ -505,7 +552,8 @@ def split_usable(labels, ok, digests, val_split, test_split, seed, fixed=None):
     """The split `load_image_data` makes: file indices per split, over the usable files.
 
     Args:
-        labels: class index per file.
+        labels: class index per file, or a multi-hot matrix `(files, classes)`: then the
+            split is `split_multi_label_indices`'s.
         ok: bool per file, whether it decoded.
         digests: content digest per file.
         val_split: validation fraction (0 when a validation folder is used).
@@ -522,8 +570,12 @@ def split_usable(labels, ok, digests, val_split, test_split, seed, fixed=None):
     if fixed is not None:
         names = np.asarray(fixed, dtype=object)[usable]
         return {name: usable[names == name] for name in SPLITS}
-    parts = split_indices(np.asarray(labels)[usable], [digests[i] for i in usable],
-                          {"test": test_split, "val": val_split}, seed)
+    fractions = {"test": test_split, "val": val_split}
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        parts = split_multi_label_indices(labels[usable], fractions, seed)
+    else:
+        parts = split_indices(labels[usable], [digests[i] for i in usable], fractions, seed)
     return {name: usable[positions] for name, positions in parts.items()}
 
 
@@ -570,6 +622,82 @@ def split_indices(labels, digests, fractions, seed):
     return {name: np.flatnonzero(assignment == name) for name in SPLITS}
 
 
+def split_multi_label_indices(label_matrix, fractions, seed):
+    """A seeded split of multi-label images that keeps every label's share in each split.
+
+    Iterative stratification (Sechidis, Tsoumakas and Vlahavas, 2011): each split wants
+    its fraction of every label's images; the label with the fewest images not yet placed
+    goes first, and each of its images (in a seeded random order) goes to the split that
+    still wants the most of that label (ties: the one that wants the most images, then
+    test, val, train), which then wants one fewer of each of the image's labels. Rare
+    labels are placed first, while every split can still take them. A label with at
+    least 3 images wants at least one in val (and in test, when there is one), and a
+    last pass moves one image of such a label from train to a split that has none of
+    it, if one of its images can leave train without taking the last train image of
+    another label. Identical files are one row here (`load_image_data` merges them
+    first), so they cannot straddle the splits.
+
+    Args:
+        label_matrix: multi-hot matrix `(n, classes)`; every row has at least one label.
+        fractions: dict with the fraction of images for `"val"` and `"test"`; the rest is
+            `"train"`.
+        seed: seed of the order images are placed in.
+
+    Returns:
+        A dict from split name to a sorted numpy array of row indices.
+
+    Example:
+
+    >>> parts = split_multi_label_indices(multi_hot([0, 0, 1, (0, 1), 1, 1], 2),
+    ...                                   {"val": 0.34}, seed=0)
+    >>> sorted(len(p) for p in parts.values())
+    [0, 2, 4]
+    """
+    present = np.asarray(label_matrix) > 0.5
+    count = len(present)
+    rng = np.random.default_rng(seed)
+    held = [s for s in ("test", "val") if fractions.get(s, 0.0) > 0]
+    ratio = {s: float(fractions.get(s, 0.0)) for s in held}
+    ratio["train"] = 1.0 - sum(ratio.values())
+    names = [*held, "train"]
+    per_label = present.sum(axis=0).astype(np.float64)
+    wanted = {s: per_label * ratio[s] for s in names}
+    for name in held:
+        wanted[name] = np.where(per_label >= 3, np.maximum(wanted[name], 1.0), wanted[name])
+    wanted["train"] = per_label - sum(wanted[s] for s in held)
+    wanted_total = {s: count * ratio[s] for s in names}
+    assignment = np.full(count, "", dtype=object)
+    order = rng.permutation(count)
+    left = present.copy()
+    while left.any():
+        remaining = left.sum(axis=0)
+        label = int(np.argmin(np.where(remaining > 0, remaining, np.inf)))
+        for row in order[present[order, label] & (assignment[order] == "")]:
+            name = max(names, key=lambda s: (wanted[s][label], wanted_total[s]))
+            assignment[row] = name
+            wanted[name] = wanted[name] - present[row]
+            wanted_total[name] -= 1
+            left[row] = False
+    assignment[assignment == ""] = "train"  # rows without a label
+    for name in held:
+        _give_missing_labels(present, assignment, name)
+    return {name: np.flatnonzero(assignment == name) for name in SPLITS}
+
+
+def _give_missing_labels(present, assignment, name):
+    """Moves, for each label with >= 3 images and none in split `name`, one of its train
+    images there: the one with the fewest labels whose other labels all stay in train."""
+    for label in np.flatnonzero(present.sum(axis=0) >= 3):
+        if (present[assignment == name, label]).any():
+            continue
+        train = assignment == "train"
+        in_train = present[train].sum(axis=0)
+        candidates = [row for row in np.flatnonzero(train & present[:, label])
+                      if all(in_train[other] > 1 for other in np.flatnonzero(present[row]))]
+        if candidates:
+            assignment[min(candidates, key=lambda row: present[row].sum())] = name
+
+
 def _split_targets(count, fractions):
     targets = {}
     for name, minimum_count in (("test", 3), ("val", 2)):
@@ -604,8 +732,17 @@ class Split:
         return np.asarray(self.cache.array[self.indices])
 
     def class_counts(self, num_classes):
-        """Number of images per class index."""
+        """Number of images per class index (a multi-label image counts for each label)."""
+        if self.labels.ndim == 2:
+            return np.rint(self.labels.sum(axis=0)).astype(np.int64)
         return np.bincount(self.labels, minlength=num_classes)
+
+    def label_names(self, class_names):
+        """The label of each image by name; a multi-label image's labels joined by `;`."""
+        if self.labels.ndim == 2:
+            return [LABEL_SEPARATOR.join(class_names[j] for j in np.flatnonzero(row > 0.5))
+                    for row in self.labels]
+        return [class_names[label] for label in self.labels]
 
 
 @dataclass
@@ -620,6 +757,8 @@ class ImageData:
     ignored: list  # (path, reason) of entries that are not images or were not followed
     warnings: list = field(default_factory=list)
     fixed_split: bool = False  # a label file's split column made the split
+    multi_label: bool = False  # labels are multi-hot rows (see `load_image_data`)
+    notes: list = field(default_factory=list)  # what was done to the data, said once
 
     @property
     def num_classes(self):
@@ -628,14 +767,19 @@ class ImageData:
     def summary(self):
         """A text table of images per class per split, then skipped files and warnings."""
         names = [s for s in SPLITS if s in self.splits]
-        width = max(len("class"), *(len(c) for c in self.class_names))
+        width = max(len("images" if self.multi_label else "class"),
+                    *(len(c) for c in self.class_names))
         lines = ["  ".join([f"{'class':<{width}}", *(f"{n:>6}" for n in names)])]
         counts = {n: self.splits[n].class_counts(self.num_classes) for n in names}
         for index, class_name in enumerate(self.class_names):
             cells = (f"{int(counts[n][index]):>6}" for n in names)
             lines.append("  ".join([f"{class_name:<{width}}", *cells]))
         totals = (f"{len(self.splits[n]):>6}" for n in names)
-        lines.append("  ".join([f"{'total':<{width}}", *totals]))
+        lines.append("  ".join([f"{'images':<{width}}" if self.multi_label else
+                                f"{'total':<{width}}", *totals]))
+        if self.multi_label:
+            lines.append("Multi-label: an image counts once for each of its labels.")
+        lines += [f"Note: {note}" for note in self.notes]
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} file(s) that could not be used:")
             lines += [f"  {path}: {reason}" for path, reason in self.skipped]
@@ -656,6 +800,9 @@ class ImageData:
             "ignored": [{"file": p, "reason": r} for p, r in self.ignored],
             "warnings": list(self.warnings),
             "fixed_split": self.fixed_split,
+            "multi_label": self.multi_label,
+            "images": {n: len(self.splits[n]) for n in self.splits},
+            "notes": list(self.notes),
         }
 
     def close(self):
@@ -672,6 +819,13 @@ def load_image_data(config, seed=42, verbose=1):
     one, is the split (`val_split` and `test_split` are then not used, and a warning says
     so).
 
+    With `config.multi_label`, every split's `labels` is a multi-hot float32 matrix
+    `(images, classes)`: a label file's `;`-separated labels, and files with the same
+    content (the same SHA-1) are one image with the labels of every copy (the same image
+    in several class folders, or listed under several paths), the first copy's file
+    standing for it (the others are listed under `ignored`, and a note in the summary says
+    how many were merged). The split is `split_multi_label_indices`'s.
+
     Args:
         config: a `tlkit.config.DataConfig` whose `image_size` is resolved (an integer).
         seed: seed of the split.
@@ -685,7 +839,7 @@ def load_image_data(config, seed=42, verbose=1):
             fewer than two classes, a class with no usable image, bad label-file rows, a
             fixed split without training or validation images).
     """
-    scan = scan_data(config.data_dir, config.labels)
+    scan = scan_data(config.data_dir, config.labels, multi_label=config.multi_label)
     if len(scan.class_names) < 2:
         raise DataError(
             f"{scan.describe()} has only one class ({scan.class_names[0]!r}); a "
@@ -694,7 +848,12 @@ def load_image_data(config, seed=42, verbose=1):
     decode = dict(image_size=config.image_size, resize=config.resize, cache=config.cache,
                   cache_dir=config.cache_dir, workers=config.workers, verbose=verbose)
     decoded = decode_images(scan.files, **decode)
-    labels = np.asarray(scan.labels, np.int64)
+    notes, merged = [], []
+    if config.multi_label:
+        labels, merged, note = _merge_copies(scan, decoded)
+        notes += [note] if note else []
+    else:
+        labels = np.asarray(scan.labels, np.int64)
     _check_every_class_usable(scan, labels, decoded.ok)
     parts = split_usable(labels, decoded.ok, decoded.digests,
                          0.0 if config.val_dir else config.val_split, config.test_split, seed,
@@ -703,20 +862,28 @@ def load_image_data(config, seed=42, verbose=1):
                           [scan.files[i] for i in indices],
                           [decoded.digests[i] for i in indices])
               for name, indices in parts.items() if len(indices)}
-    skipped, ignored = list(decoded.skipped), list(scan.ignored)
+    skipped, ignored = list(decoded.skipped), list(scan.ignored) + merged
     if config.val_dir:
         val_scan = scan_folder(config.val_dir, class_names=scan.class_names)
         val_decoded = decode_images(val_scan.files, **decode)
+        if config.multi_label:
+            val_labels, val_merged, note = _merge_copies(val_scan, val_decoded)
+            notes += [f"{config.val_dir}: {note}"] if note else []
+            ignored += val_merged
+        else:
+            val_labels = np.asarray(val_scan.labels, np.int64)
         val_usable = np.flatnonzero(val_decoded.ok)
-        val_labels = np.asarray(val_scan.labels, np.int64)[val_usable]
+        val_labels = val_labels[val_usable]
         splits["val"] = Split("val", val_decoded.cache, val_usable, val_labels,
                               [val_scan.files[i] for i in val_usable],
                               [val_decoded.digests[i] for i in val_usable])
         skipped += val_decoded.skipped
         ignored += val_scan.ignored
     data = ImageData(list(scan.class_names), config.image_size, config.resize, splits,
-                     skipped, ignored, _duplicate_warnings(scan, labels, decoded),
-                     fixed_split=scan.splits is not None)
+                     skipped, ignored,
+                     [] if config.multi_label else _duplicate_warnings(scan, labels, decoded),
+                     fixed_split=scan.splits is not None, multi_label=config.multi_label,
+                     notes=notes)
     repeated = len(scan.ignored) if scan.labels_file else 0
     if repeated:
         data.warnings.append(
@@ -745,8 +912,8 @@ def _check_fixed_split(scan, data):
                 f"{scan.describe()} puts no usable image in the {name!r} split: give some "
                 f"rows split={name} (training needs both train and val images)."
             )
-    trained = set(data.splits["train"].labels.tolist())
-    missing = [c for i, c in enumerate(data.class_names) if i not in trained]
+    trained = data.splits["train"].class_counts(data.num_classes)
+    missing = [c for i, c in enumerate(data.class_names) if not trained[i]]
     if missing:
         data.warnings.append(f"Class(es) {missing} have no usable image in the 'train' split "
                              f"of {scan.labels_file}: the model cannot learn them.")
@@ -754,13 +921,36 @@ def _check_fixed_split(scan, data):
 
 def _check_every_class_usable(scan, labels, ok):
     for label, name in enumerate(scan.class_names):
-        if not ok[labels == label].any():
+        members = labels[:, label] > 0.5 if labels.ndim == 2 else labels == label
+        if not ok[members].any():
             fix = (f"its files or remove its rows from {scan.labels_file}" if scan.labels_file
                    else f"or remove {scan.root}/{name}")
             raise DataError(
                 f"Class {name!r} has no image that can be decoded (all of its files were "
                 f"skipped; see the list above). Fix {fix}."
             )
+
+
+def _merge_copies(scan, decoded):
+    """Multi-hot labels of a multi-label scan, with the files of one content merged: the
+    first decoded copy gets every copy's labels and the others are marked not ok. Returns
+    `(labels, ignored entries of the merged copies, a note or None)`."""
+    labels = scan.label_matrix()
+    first_of, merged = {}, []
+    for index in np.flatnonzero(decoded.ok):
+        first = first_of.setdefault(decoded.digests[index], index)
+        if first != index:
+            labels[first] = np.maximum(labels[first], labels[index])
+            decoded.ok[index] = False
+            merged.append((first, index))
+    if not merged:
+        return labels, [], None
+    images = len({first for first, _ in merged})
+    ignored = [(scan.files[index], f"same content as {scan.files[first]}: one image with the "
+                                   "labels of both") for first, index in merged]
+    return labels, ignored, (f"{len(merged) + images} file(s) with the same content (one image "
+                             "in several class folders or rows) were merged into "
+                             f"{images} multi-label image(s) with the labels of every copy.")
 
 
 def _duplicate_warnings(scan, labels, decoded):
@@ -775,7 +965,8 @@ def _duplicate_warnings(scan, labels, decoded):
 
 
 def make_dataset(split, batch_size, shuffle=False, seed=None, augmenter=None):
-    """Batches a split as a `tf.data.Dataset` of `(float32 images 0..255, int64 labels)`.
+    """Batches a split as a `tf.data.Dataset` of `(float32 images 0..255, labels)`: int64
+    class indices, or float32 multi-hot rows for a multi-label split.
 
     Args:
         split: a `Split`.
@@ -816,11 +1007,11 @@ def _memmap_dataset(split, batch_size, shuffle, seed):
     if shuffle:
         dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).map(
-        lambda p: tf.numpy_function(gather, [p], (tf.uint8, tf.int64)),
+        lambda p: tf.numpy_function(gather, [p], (tf.uint8, tf.as_dtype(labels.dtype))),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return dataset.map(lambda x, y: (tf.ensure_shape(x, [None, size, size, 3]),
-                                     tf.ensure_shape(y, [None])))
+                                     tf.ensure_shape(y, [None, *labels.shape[1:]])))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,13 @@
 `evaluate_folder` needs only an export (tlkit is not needed to train it again);
 `evaluate_arrays` serves the trainer, which has the validation images in memory. Both end in
 the same code, so the numbers and files are the same whichever way they were made.
+
+A multi-label model (sigmoid outputs, multi-hot labels) is scored by
+`compute_multi_label_metrics` instead: per-label precision, recall, F1, support and average
+precision at the export's per-label thresholds (`choose_thresholds` picks them on the
+validation split), mAP, subset accuracy and micro/macro averages. Its output folder gets
+`metrics.json`, `mistakes.csv` and `mistakes.png` (no confusion matrix or reliability diagram:
+they are about one class per image).
 """
 
 import csv
@@ -21,7 +28,7 @@ import keras
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlkit.data import scan_data
+from tlkit.data import file_digest, scan_data
 from tlkit.errors import ConfigError, DataError
 from tlkit.images import load_image
 from tlkit.models import predict_probabilities
@@ -38,6 +45,12 @@ THUMBNAIL_SIZE = 96
 OUTPUT_FILES = ("metrics.json", "confusion_matrix.png", "reliability.png", "mistakes.csv",
                 "mistakes.png")
 """What `output_dir` receives (`mistakes.png` only when there is a mistake)."""
+
+MULTI_LABEL_OUTPUT_FILES = ("metrics.json", "mistakes.csv", "mistakes.png")
+"""What `output_dir` receives for a multi-label model."""
+
+DEFAULT_THRESHOLD = 0.5
+"""The threshold of a label `choose_thresholds` has no positive validation image for."""
 
 
 # --- Metrics ------------------------------------------------------------------------------------
@@ -124,6 +137,187 @@ def compute_metrics(y_true, probabilities, class_names, top_k=(1, 3, 5)):
         "ece": ece,
         "reliability": reliability,
     }
+
+
+def choose_thresholds(y_true, probabilities):
+    """Per-label decision thresholds that maximise each label's F1 on validation data.
+
+    For each label, the candidates are the probabilities the model gave that label; an
+    image has the label when its probability is >= the threshold. The candidate with the
+    highest F1 wins, the lowest of equal ones (ties go to the lower threshold, predicting
+    the label more often). Every threshold above the next lower probability and up to the
+    winner makes the same decisions on these images; the one returned is halfway between
+    the two (between 0 and the winner when it is the lowest), so an image scored a little
+    below the validation images that have the label still gets it. A label with no
+    positive image gets `DEFAULT_THRESHOLD`.
+
+    Args:
+        y_true: multi-hot matrix `(n, classes)`.
+        probabilities: sigmoid outputs `(n, classes)`.
+
+    Returns:
+        A list of float thresholds, one per class (float32 values, as the export bakes
+        them into its graph).
+
+    Raises:
+        ConfigError: if the shapes disagree.
+
+    Example:
+
+    >>> choose_thresholds([[1], [0], [1], [0]], [[0.9], [0.6], [0.3], [0.1]])
+    [0.20000000298023224]
+    """
+    present, probabilities = _check_multi_label_inputs(y_true, probabilities, None)
+    thresholds = []
+    for label in range(probabilities.shape[1]):
+        scores, positive = probabilities[:, label], present[:, label]
+        if not positive.any():
+            thresholds.append(float(np.float32(DEFAULT_THRESHOLD)))
+            continue
+        candidates = np.unique(scores)  # ascending
+        predicted = len(scores) - np.searchsorted(np.sort(scores), candidates, side="left")
+        hits = positive.sum() - np.searchsorted(np.sort(scores[positive]), candidates,
+                                                side="left")
+        f1 = 2 * hits / (predicted + positive.sum())
+        best = int(np.argmax(f1))
+        lower = candidates[best - 1] if best else np.float32(0.0)
+        middle = np.float32((float(lower) + float(candidates[best])) / 2)
+        thresholds.append(float(middle if middle > lower else candidates[best]))
+    return thresholds
+
+
+def average_precision(y_true, scores):
+    """Average precision of one label: the area under its precision-recall steps.
+
+    `sum over thresholds of (recall_k - recall_(k-1)) * precision_k`, the thresholds being
+    the distinct scores from the highest down (tied scores are one threshold), as
+    scikit-learn's `average_precision_score` computes it.
+
+    Args:
+        y_true: 0/1 (or bool) per image.
+        scores: the label's probability per image.
+
+    Returns:
+        A float, or None when no image has the label (it is undefined then).
+
+    Example:
+
+    >>> average_precision([1, 0, 1], [0.9, 0.8, 0.3])
+    0.8333333333333333
+    """
+    positive = np.asarray(y_true) > 0.5
+    scores = np.asarray(scores, np.float64)
+    if not positive.any():
+        return None
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # end of each tie group
+    hits = np.cumsum(positive)[last]
+    precision = hits / (last + 1)
+    recall = hits / positive.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def compute_multi_label_metrics(y_true, probabilities, class_names, thresholds=None):
+    """Multi-label metrics from multi-hot labels and sigmoid probabilities (numpy only).
+
+    An image has a label when its probability is >= the label's threshold.
+
+    - Per label: precision, recall and F1 (0 where undefined, as `compute_metrics`), support
+      (images with the label), the number predicted, average precision (`average_precision`,
+      None for a label no image has) and the threshold.
+    - `map`: the mean average precision over the labels some image has.
+    - `subset_accuracy`: the share of images whose predicted label set is exactly the true
+      one; `label_accuracy`: the share of (image, label) decisions that are right.
+    - `micro_avg`: precision, recall and F1 of all decisions pooled; `macro_avg`: the mean
+      over the labels that occur among the true labels or the predictions.
+
+    Args:
+        y_true: multi-hot matrix `(n, classes)`, `n >= 1`.
+        probabilities: `(n, classes)`.
+        class_names: a name per column.
+        thresholds: a threshold per class; `None`: `DEFAULT_THRESHOLD` for each.
+
+    Returns:
+        A JSON-ready dict: `multi_label` (True), `num_samples`, `num_classes`,
+        `class_names`, `thresholds`, `subset_accuracy`, `label_accuracy`, `map`,
+        `per_class` (`{label: {"precision", "recall", "f1", "support", "predicted",
+        "average_precision", "threshold"}}`), `micro_avg`, `macro_avg`.
+
+    Raises:
+        ConfigError: if the shapes or the thresholds disagree with the class names.
+
+    Example:
+
+    >>> m = compute_multi_label_metrics([[1, 1], [0, 1]], [[0.9, 0.2], [0.1, 0.7]],
+    ...                                 ["cat", "dog"])
+    >>> m["subset_accuracy"], m["per_class"]["dog"]["recall"]
+    (0.5, 0.5)
+    """
+    present, probabilities = _check_multi_label_inputs(y_true, probabilities, class_names)
+    thresholds = _check_thresholds(thresholds, len(class_names))
+    predicted = probabilities >= np.asarray(thresholds, np.float32)[None, :]
+    hits = (predicted & present).sum(axis=0).astype(np.float64)
+    support, predicted_count = present.sum(axis=0), predicted.sum(axis=0)
+    precision, recall = _ratio(hits, predicted_count), _ratio(hits, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    ap = [average_precision(present[:, j], probabilities[:, j])
+          for j in range(len(class_names))]
+    occurring = (support > 0) | (predicted_count > 0)
+    micro_p = _ratio(hits.sum(), predicted_count.sum())
+    micro_r = _ratio(hits.sum(), support.sum())
+    num_samples = len(present)
+    return {
+        "multi_label": True,
+        "num_samples": int(num_samples),
+        "num_classes": len(class_names),
+        "class_names": [str(c) for c in class_names],
+        "thresholds": [float(t) for t in thresholds],
+        "subset_accuracy": float((predicted == present).all(axis=1).mean()),
+        "label_accuracy": float((predicted == present).mean()),
+        "map": float(np.mean([v for v in ap if v is not None])) if any(
+            v is not None for v in ap) else None,
+        "per_class": {str(name): {"precision": float(precision[j]), "recall": float(recall[j]),
+                                  "f1": float(f1[j]), "support": int(support[j]),
+                                  "predicted": int(predicted_count[j]),
+                                  "average_precision": ap[j],
+                                  "threshold": float(thresholds[j])}
+                      for j, name in enumerate(class_names)},
+        "micro_avg": {"precision": float(micro_p), "recall": float(micro_r),
+                      "f1": float(_ratio(2 * micro_p * micro_r, micro_p + micro_r)),
+                      "support": int(support.sum())},
+        "macro_avg": {**{key: float(values[occurring].mean()) if occurring.any() else 0.0
+                         for key, values in (("precision", precision), ("recall", recall),
+                                             ("f1", f1))},
+                      "support": int(support.sum())},
+    }
+
+
+def _check_multi_label_inputs(y_true, probabilities, class_names):
+    """`(bool matrix of the true labels, float32 probabilities)`, or raises ConfigError."""
+    probabilities = np.asarray(probabilities, np.float32)
+    y_true = np.asarray(y_true)
+    columns = probabilities.shape[1] if probabilities.ndim == 2 else None
+    if class_names is not None and columns != len(class_names):
+        raise ConfigError(
+            f"`probabilities` must have shape (n, {len(class_names)}): one column per class "
+            f"name. Received: probabilities.shape={probabilities.shape}")
+    if probabilities.ndim != 2 or y_true.shape != probabilities.shape or not len(y_true):
+        raise ConfigError(
+            "`y_true` must be a multi-hot matrix with the shape of `probabilities`, at "
+            f"least one row. Received: y_true.shape={y_true.shape}, "
+            f"probabilities.shape={probabilities.shape}")
+    return y_true > 0.5, probabilities
+
+
+def _check_thresholds(thresholds, num_classes):
+    if thresholds is None:
+        return [DEFAULT_THRESHOLD] * num_classes
+    values = np.asarray(thresholds, np.float64)
+    if values.shape != (num_classes,) or not np.all((values >= 0) & (values <= 1)):
+        raise ConfigError(f"`thresholds` must hold one value in [0, 1] per class "
+                          f"({num_classes}). Received: thresholds={list(thresholds)!r}")
+    return [float(np.float32(v)) for v in values]
 
 
 def _check_metric_inputs(y_true, probabilities, class_names, top_k):
@@ -226,6 +420,12 @@ class EvaluationReport:
             else []
         lines.append(f"{m['num_samples']} images, {len(self.mistakes)} mistakes, "
                      f"{len(self.skipped)} skipped")
+        if m.get("multi_label"):
+            lines += _multi_label_lines(m)
+            if self.skipped:
+                lines += ["", f"Skipped {len(self.skipped)} file(s) that could not be read:"]
+                lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+            return "\n".join(lines)
         lines.append(f"accuracy        {m['accuracy']:.4f}")
         lines += [f"{key.replace('_', '-')} accuracy  {value:.4f}"
                   for key, value in m["top_k_accuracy"].items()]
@@ -254,6 +454,30 @@ def _score_table(metrics):
             line("weighted avg", metrics["weighted_avg"])]
 
 
+def _multi_label_lines(metrics):
+    """The multi-label summary lines and the per-label table, then the averages."""
+    mean_ap = "-" if metrics["map"] is None else f"{metrics['map']:.4f}"
+    lines = [f"subset accuracy {metrics['subset_accuracy']:.4f}  (every label right)",
+             f"label accuracy  {metrics['label_accuracy']:.4f}",
+             f"mAP             {mean_ap}", ""]
+    rows = list(metrics["per_class"].items())
+    width = max(len("micro avg"), *(len(name) for name, _ in rows))
+    header = (f"{'label':<{width}}  precision  recall      f1      AP  threshold  support"
+              "  predicted")
+    lines.append(header)
+    for name, v in rows:
+        ap = "     -" if v["average_precision"] is None else f"{v['average_precision']:6.4f}"
+        lines.append(f"{name:<{width}}  {v['precision']:9.4f}  {v['recall']:6.4f}  "
+                     f"{v['f1']:6.4f}  {ap}  {v['threshold']:9.4f}  {v['support']:7d}  "
+                     f"{v['predicted']:9d}")
+    lines.append("-" * len(header))
+    for key in ("micro_avg", "macro_avg"):
+        v = metrics[key]
+        lines.append(f"{key.replace('_', ' '):<{width}}  {v['precision']:9.4f}  "
+                     f"{v['recall']:6.4f}  {v['f1']:6.4f}")
+    return lines
+
+
 def _confusion_table(names, confusion):
     """Lines of the confusion matrix with class names on both axes."""
     digits = max(len(str(v)) for row in confusion for v in row)
@@ -264,6 +488,23 @@ def _confusion_table(names, confusion):
         return f"{label:<{first}}" + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths))
 
     return [line("", names), *(line(n, row) for n, row in zip(names, confusion))]
+
+
+def _find_multi_label_mistakes(present, probabilities, thresholds, class_names, sources):
+    """Images whose predicted label set is not the true one, the most confident wrong
+    decision first: a mistake's confidence is the largest probability of a label wrongly
+    predicted, or 1 - the probability of a label wrongly missed."""
+    predicted = probabilities >= np.asarray(thresholds, np.float32)[None, :]
+    wrong_side = np.where(predicted, probabilities, 1.0 - probabilities)
+    confidence = np.where(predicted != present, wrong_side, 0.0).max(axis=1)
+    wrong = np.flatnonzero((predicted != present).any(axis=1))
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")]
+
+    def names(row):
+        return ";".join(class_names[j] for j in np.flatnonzero(row))
+
+    return [Mistake(int(i), str(sources[i]), names(present[i]), names(predicted[i]),
+                    float(confidence[i])) for i in order]
 
 
 def _find_mistakes(y_true, probabilities, class_names, sources):
@@ -303,7 +544,9 @@ def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, ba
         worst: most thumbnails in `mistakes.png`.
         labels: a label file instead of class subfolders (`tlkit.data.scan_labels`); its
             labels must be among the model's classes. Every row is evaluated: a `split`
-            column is not used (give a file of the rows to score).
+            column is not used (give a file of the rows to score). For a multi-label
+            export, its label cells are `;`-separated label lists, and the same image in
+            several class folders is one image with all of their labels.
 
     Returns:
         An `EvaluationReport`; files that cannot be decoded are left out of the metrics and
@@ -324,7 +567,8 @@ def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, ba
     _check_evaluation_options(top_k, batch_size, worst)
     classifier = load(model, export_dir)
     class_names = classifier.class_names
-    scan = scan_data(data_dir, labels, class_names=class_names)
+    scan = scan_data(data_dir, labels, class_names=class_names,
+                     multi_label=classifier.multi_label)
     predictions = classifier.predict(list(scan.files), top_k=len(class_names),
                                      batch_size=batch_size)
     index = {name: i for i, name in enumerate(class_names)}
@@ -338,29 +582,55 @@ def evaluate_folder(data_dir, model=None, export_dir="saved_models", top_k=3, ba
         for label, probability in zip(predictions[i].labels, predictions[i].probabilities):
             probabilities[row, index[label]] = probability
     files = [scan.files[i] for i in read]
-    return _report(np.asarray(scan.labels)[read], probabilities, class_names, files,
+    if classifier.multi_label:
+        truth, keep = _merged_truth(scan, read)
+        probabilities, files = probabilities[keep], [files[i] for i in keep]
+    else:
+        truth = np.asarray(scan.labels)[read]
+    return _report(truth, probabilities, class_names, files,
                    lambda i: load_image(files[i], THUMBNAIL_SIZE, classifier.resize),
                    top_k=top_k, output_dir=output_dir, worst=worst, skipped=skipped,
                    model=str(classifier.path),
-                   data=str(data_dir) if labels is None else str(labels))
+                   data=str(data_dir) if labels is None else str(labels),
+                   thresholds=classifier.thresholds if classifier.multi_label else None)
+
+
+def _merged_truth(scan, read):
+    """Multi-hot truth of the read files of a multi-label scan, the files with one content
+    (the same image in several class folders) merged into their first: `(truth, positions
+    into read kept)`."""
+    matrix = scan.label_matrix()[read]
+    first_of, keep = {}, []
+    for position, index in enumerate(read):
+        first = first_of.setdefault(file_digest(scan.files[index]), position)
+        if first == position:
+            keep.append(position)
+        else:
+            matrix[first] = np.maximum(matrix[first], matrix[position])
+    return matrix[keep], keep
 
 
 def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
-                    output_dir=None, worst=16, sources=None, probabilities=None):
+                    output_dir=None, worst=16, sources=None, probabilities=None,
+                    thresholds=None):
     """Evaluates a classifier on images already in memory (for example a validation split).
 
     Args:
         model: a `tlkit.predict.Classifier` (a loaded export) or a Keras classifier that maps
             float32 images 0..255 to probabilities (`tlkit.models.build_classifier`).
         images: uint8 (or 0..255 float) array `(n, size, size, 3)` at the model's input size.
-        labels: integer class index per image.
+        labels: integer class index per image, or multi-hot rows `(n, classes)` for a
+            multi-label model (then the metrics are `compute_multi_label_metrics`').
         class_names: class name per model output.
-        top_k, batch_size, output_dir, worst: as in `evaluate_folder`.
+        top_k, batch_size, output_dir, worst: as in `evaluate_folder` (`top_k` is not
+            used for a multi-label model).
         sources: a name per image for the mistake list (for example its file path);
             `None` names them `array[i]`.
         probabilities: the model's probabilities for `images`, `(n, classes)`, when they
             are already computed (`tlkit.fit` computes them once per split for its metrics
             and this report); `None`: the model predicts them here.
+        thresholds: a multi-label model's threshold per class; `None`: a loaded
+            multi-label export's own, else `DEFAULT_THRESHOLD` for multi-hot `labels`.
 
     Returns:
         An `EvaluationReport` (with `skipped` empty).
@@ -402,9 +672,13 @@ def evaluate_arrays(model, images, labels, class_names, top_k=3, batch_size=64,
         probabilities = model.predict_arrays(images, batch_size)
     else:
         probabilities = predict_probabilities(model, images, batch_size)
+    if np.ndim(labels) == 2 and thresholds is None:
+        thresholds = (model.thresholds if isinstance(model, Classifier) and model.multi_label
+                      else [DEFAULT_THRESHOLD] * outputs)
     return _report(labels, probabilities, class_names, list(sources), lambda i: images[i],
                    top_k=top_k, output_dir=output_dir, worst=worst, skipped=[],
-                   model=str(model.path) if isinstance(model, Classifier) else None)
+                   model=str(model.path) if isinstance(model, Classifier) else None,
+                   thresholds=thresholds if np.ndim(labels) == 2 else None)
 
 
 def _check_evaluation_options(top_k, batch_size, worst):
@@ -431,11 +705,18 @@ def _output_count(model):
 
 
 def _report(y_true, probabilities, class_names, sources, thumbnail, *, top_k, output_dir,
-            worst, skipped, model=None, data=None):
-    """Metrics, mistakes and (with `output_dir`) the output files: shared by both entries."""
-    metrics = compute_metrics(y_true, probabilities, class_names, top_k)
-    mistakes = _find_mistakes(np.asarray(y_true, np.int64), np.asarray(probabilities),
-                              class_names, sources)
+            worst, skipped, model=None, data=None, thresholds=None):
+    """Metrics, mistakes and (with `output_dir`) the output files: shared by both entries.
+    `thresholds` given (a list, one per class) means a multi-label model."""
+    if thresholds is not None:
+        metrics = compute_multi_label_metrics(y_true, probabilities, class_names, thresholds)
+        mistakes = _find_multi_label_mistakes(np.asarray(y_true) > 0.5,
+                                              np.asarray(probabilities, np.float32),
+                                              metrics["thresholds"], class_names, sources)
+    else:
+        metrics = compute_metrics(y_true, probabilities, class_names, top_k)
+        mistakes = _find_mistakes(np.asarray(y_true, np.int64), np.asarray(probabilities),
+                                  class_names, sources)
     report = EvaluationReport(metrics, mistakes, skipped, model, data)
     if output_dir is not None:
         _write_outputs(report, Path(output_dir), thumbnail, worst)
@@ -453,9 +734,13 @@ def _write_outputs(report, folder, thumbnail, worst):
                           f"output_dir={str(folder)!r} ({e.strerror})") from None
     (folder / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     metrics = report.metrics
-    _plot_confusion(metrics["confusion_matrix"], metrics["class_names"],
-                    folder / "confusion_matrix.png")
-    _plot_reliability(metrics["reliability"], metrics["ece"], folder / "reliability.png")
+    if metrics.get("multi_label"):
+        for name in set(OUTPUT_FILES) - set(MULTI_LABEL_OUTPUT_FILES):
+            (folder / name).unlink(missing_ok=True)
+    else:
+        _plot_confusion(metrics["confusion_matrix"], metrics["class_names"],
+                        folder / "confusion_matrix.png")
+        _plot_reliability(metrics["reliability"], metrics["ece"], folder / "reliability.png")
     with open(folder / "mistakes.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "true", "predicted", "confidence"])
         writer.writeheader()

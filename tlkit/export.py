@@ -17,6 +17,16 @@ Signatures:
 - `predict_images`: `images` (float32 [None, H, W, 3], pixels 0..255, already resized) ->
   the same outputs.
 
+A multi-label export (`thresholds` given; `tlkit.json` has `"multi_label": true` and
+`"thresholds"`, one float per class) has other outputs in both signatures:
+`probabilities` (float32 [None, classes], each label's own sigmoid probability),
+`predicted` (bool [None, classes], probability >= the label's threshold, the thresholds being
+constants in the graph) and `class_names` (tf.string [None]: the labels predicted, in class
+order, joined by `;`, the separator label files use; "" when none is). One string per image
+keeps every output a dense tensor, which TF Serving's REST and gRPC encode as they are; a
+client that wants a list splits on `;` (a multi-label class name cannot hold one).
+The `explain` signatures take `class_ids` as for a single-label export.
+
 A version is written to a hidden temporary folder beside its destination, reloaded and checked
 against the in-memory model, and only then renamed into place: a crash leaves no half-written
 version behind, and an existing version is never overwritten.
@@ -52,7 +62,7 @@ VERIFY_TOLERANCE = 1e-5
 def export_classifier(model, class_names, export_dir, name, *, image_size, resize,
                       version=None, metadata=None, verify_images=None,
                       verify_probabilities=None, model_card=None, calibration_images=None,
-                      overwrite=False):
+                      overwrite=False, thresholds=None):
     """Writes `model` as `<export_dir>/<name>/<version>/`, atomically, and returns that path.
 
     Args:
@@ -74,6 +84,9 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
             as `assets.extra/calibration.npz` for int8 quantisation (`tlkit.tflite`).
         overwrite: replace an existing `version` (the new one is complete and verified
             before the old one is moved aside and deleted).
+        thresholds: for a multi-label model (sigmoid outputs), the decision threshold of
+            each class (`tlkit.evaluate.choose_thresholds`), baked into the graph and saved
+            in the metadata; `None`: a single-label (softmax) export.
 
     Returns:
         The `pathlib.Path` of the new version folder.
@@ -90,6 +103,8 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         )
     if calibration_images is not None:
         calibration_images = _check_calibration_images(calibration_images, image_size)
+    if thresholds is not None:
+        thresholds = _check_thresholds(thresholds, class_names)
     parent = Path(export_dir) / name
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +120,9 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
     try:
         _write(model, class_names, staging, image_size, resize,
                {**(metadata or {}), "name": name, "version": version,
-                "calibration_images": calibration_count})
+                "calibration_images": calibration_count,
+                **({"multi_label": True, "thresholds": thresholds} if thresholds else {})},
+               thresholds)
         if calibration_count:
             (staging / CALIBRATION_FILE).parent.mkdir()
             np.savez_compressed(staging / CALIBRATION_FILE, images=calibration_images)
@@ -113,7 +130,7 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
             (staging / "assets" / MODEL_CARD_FILE).write_text(model_card)
         if verify_images is None:
             verify_images = np.full((1, image_size, image_size, 3), 128, np.uint8)
-        verify_export(staging, model, verify_images, verify_probabilities)
+        verify_export(staging, model, verify_images, verify_probabilities, thresholds)
         _publish(staging, target)
     except OSError as e:
         raise ExportError(f"Cannot write export {str(target)!r}: {e}") from None
@@ -121,6 +138,19 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_thresholds(thresholds, class_names):
+    """`thresholds` as float32-exact floats, one in [0, 1] per class, or `ExportError`."""
+    values = np.asarray(thresholds, np.float32)
+    if values.shape != (len(class_names),) or not np.all((values >= 0) & (values <= 1)):
+        raise ExportError(f"`thresholds` must hold one value in [0, 1] per class "
+                          f"({len(class_names)}). Received: thresholds={list(thresholds)!r}")
+    separated = [c for c in class_names if ";" in c]
+    if separated:
+        raise ExportError(f"A multi-label export joins its labels with ';', so a class name "
+                          f"cannot hold one. Received: class names {separated}")
+    return [float(v) for v in values]
 
 
 def _check_calibration_images(images, image_size):
@@ -178,7 +208,13 @@ def next_version(model_dir):
     return max(versions, default=0) + 1
 
 
-def _outputs(probabilities, class_names):
+def _outputs(probabilities, class_names, thresholds=None):
+    if thresholds is not None:
+        predicted = probabilities >= tf.constant(thresholds, tf.float32)
+        chosen = tf.where(predicted, tf.constant([";" + c for c in class_names]), "")
+        joined = tf.strings.reduce_join(chosen, axis=-1)
+        return {"probabilities": probabilities, "predicted": predicted,
+                "class_names": tf.strings.regex_replace(joined, "^;", "")}
     class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
     return {
         "probabilities": probabilities,
@@ -187,9 +223,9 @@ def _outputs(probabilities, class_names):
     }
 
 
-def _write(model, class_names, path, image_size, resize, metadata):
+def _write(model, class_names, path, image_size, resize, metadata, thresholds=None):
     size = int(image_size)
-    signatures, explain_layer = _signatures(model, class_names, size, resize)
+    signatures, explain_layer = _signatures(model, class_names, size, resize, thresholds)
     # The root holds each variable once: the TensorFlow variables the signatures read (a
     # Keras model tracked beside them would store every weight a second time).
     root = tf.Module()
@@ -222,7 +258,7 @@ def _write(model, class_names, path, image_size, resize, metadata):
     (assets / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n")
 
 
-def _signatures(model, class_names, size, resize):
+def _signatures(model, class_names, size, resize, thresholds=None):
     """The export's signatures as concrete functions, and the Grad-CAM layer (None when the
     model has no feature map to explain with).
 
@@ -240,7 +276,7 @@ def _signatures(model, class_names, size, resize):
         x = forward(images)
         for layer in head:
             x = layer(x, training=False)
-        return _outputs(x, class_names)
+        return _outputs(x, class_names, thresholds)
 
     decode = _trace(lambda image_bytes: _decode_batch(image_bytes, size, resize), image_bytes)
     predict_images = _trace(predict, images)
@@ -278,7 +314,7 @@ def _decode_batch(image_bytes, size, resize):
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
 
-def verify_export(path, model, images, expected=None):
+def verify_export(path, model, images, expected=None, thresholds=None):
     """Reloads an export and checks its `predict_images` output against `model`.
 
     Args:
@@ -287,13 +323,25 @@ def verify_export(path, model, images, expected=None):
         images: uint8 images `(n, size, size, 3)` to compare on.
         expected: `model`'s probabilities for `images` if already computed; `None`:
             computed here.
+        thresholds: a multi-label export's thresholds: its `predicted` and `class_names`
+            outputs must then be the exported probabilities against them.
 
     Raises:
-        ExportError: if the largest difference in probabilities exceeds 1e-5.
+        ExportError: if the largest difference in probabilities exceeds 1e-5, or a
+            multi-label export's decisions do not follow its probabilities and thresholds.
     """
     loaded = tf.saved_model.load(str(path))
     batch = tf.constant(np.asarray(images), tf.float32)
-    exported = loaded.signatures["predict_images"](images=batch)["probabilities"].numpy()
+    outputs = loaded.signatures["predict_images"](images=batch)
+    exported = outputs["probabilities"].numpy()
+    if thresholds is not None:
+        predicted = exported >= np.asarray(thresholds, np.float32)
+        names = read_metadata(path)["class_names"]
+        joined = [";".join(n for n, on in zip(names, row) if on) for row in predicted]
+        if not np.array_equal(outputs["predicted"].numpy(), predicted) or \
+                [v.decode() for v in outputs["class_names"].numpy()] != joined:
+            raise ExportError(f"The export in {str(path)!r} does not apply its thresholds "
+                              "to its probabilities. Nothing was written.")
     if expected is None:
         expected = model(batch, training=False)
     expected = np.asarray(expected)

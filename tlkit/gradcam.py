@@ -54,7 +54,8 @@ def make_gradcam(model, layer=None, forward=None):
         `(fn, layer_name)` where `fn(images, class_ids)` takes float32 images
         `(n, size, size, 3)` with pixels 0..255 and int64 class ids (`-1` for the top class)
         and returns a dict with `heatmaps` (float32 `(n, size, size)`, 0..1), `class_ids`
-        (the explained class) and `probabilities`.
+        (the explained class) and `probabilities` (the model's own: softmax, or sigmoid
+        for a multi-label model).
     """
     layer = layer or default_layer(model)
     if layer not in spatial_layers(model):
@@ -65,6 +66,9 @@ def make_gradcam(model, layer=None, forward=None):
     head = [model.get_layer(name) for name in ("pooler", "output_dropout")
             if name in [lyr.name for lyr in model.layers]]
     predictions = model.get_layer("predictions")
+    # A multi-label head's probabilities are a sigmoid per label, a single-label one's the
+    # softmax; Grad-CAM follows the logit of the explained class either way.
+    activate = tf.nn.sigmoid if predictions.activation.__name__ == "sigmoid" else tf.nn.softmax
     size = model.input_shape[1]
     # `before` runs outside the gradient tape, `after` inside it, from `before`'s output to
     # (feature map, backbone output).
@@ -88,7 +92,7 @@ def make_gradcam(model, layer=None, forward=None):
             for layer_ in head:
                 x = layer_(x, training=False)
             logits = tf.matmul(x, predictions.kernel) + predictions.bias
-            probabilities = tf.nn.softmax(logits)
+            probabilities = activate(logits)
             top = tf.argmax(logits, axis=-1)
             chosen = tf.where(class_ids < 0, top, class_ids)
             score = tf.gather(logits, chosen, batch_dims=1)

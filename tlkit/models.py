@@ -1,7 +1,7 @@
 """A tlkit classifier: preprocessing -> backbone -> head, with stable layer names.
 
     images (float32, 0..255) -> "preprocess" -> "backbone" -> "pooler" -> "output_dropout"
-    -> "predictions" (softmax, float32)
+    -> "predictions" (softmax, or sigmoid for a multi-label model; float32)
 
 Freezing, export and inspection find layers by these names. The pooler is a global average
 pooling and is only added when the backbone returns a feature map.
@@ -23,7 +23,7 @@ from keras import layers
 from tlkit.backbones import get_backbone
 from tlkit.errors import ConfigError, WeightsError
 from tlkit.layers import Preprocess
-from tlkit.validation import check_number
+from tlkit.validation import check_bool, check_number
 
 INPUT_NAME = "images"
 
@@ -111,7 +111,7 @@ def _load_weights_file(model, spec, path):
 
 
 def build_classifier(backbone, num_classes, image_size, dropout=None, weights="none",
-                     backbone_model=None):
+                     backbone_model=None, multi_label=False):
     """Builds a classifier for `num_classes` classes on `image_size` x `image_size` RGB images.
 
     Args:
@@ -121,6 +121,9 @@ def build_classifier(backbone, num_classes, image_size, dropout=None, weights="n
         dropout: head dropout rate; `None` uses the backbone's default.
         weights: backbone weights, see `build_backbone`.
         backbone_model: an already built backbone to use instead of building one.
+        multi_label: a sigmoid output layer (one independent probability per class, for
+            binary cross-entropy) instead of a softmax; the layer is `predictions` either
+            way.
 
     Returns:
         A functional `keras.Model` named `"tlkit_<backbone>"` that maps float32 images with
@@ -142,6 +145,7 @@ def build_classifier(backbone, num_classes, image_size, dropout=None, weights="n
         )
     dropout = spec.default_dropout if dropout is None else dropout
     check_number("dropout", dropout, 0.0, 0.95)
+    check_bool("multi_label", multi_label)
     if backbone_model is None:
         backbone_model = build_backbone(spec.name, image_size, weights)
 
@@ -152,7 +156,8 @@ def build_classifier(backbone, num_classes, image_size, dropout=None, weights="n
         x = layers.GlobalAveragePooling2D(name="pooler")(x)
     x = layers.Dropout(dropout, name="output_dropout")(x)
     outputs = layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="predictions"
+        num_classes, activation="sigmoid" if multi_label else "softmax", dtype="float32",
+        name="predictions"
     )(x)
     return keras.Model(inputs, outputs, name=f"tlkit_{spec.name}")
 

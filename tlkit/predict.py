@@ -5,6 +5,10 @@ in batches through the export's own `serving_default` signature, whose in-graph 
 bit-exact with the training loader's (`tlkit.images`); any other format (TIFF, ...) is decoded
 with Pillow and resized by the same rule, then goes through `predict_images`. A file that
 cannot be read gets an error entry; the others are still predicted.
+
+For a multi-label export (`Classifier.multi_label`), each `Prediction` also lists in
+`predicted` every label whose probability reaches its threshold (the export's, in its
+metadata and its graph), most probable first; `labels` stays the top-k by probability.
 """
 
 import os
@@ -31,6 +35,7 @@ class Prediction:
     labels: list = field(default_factory=list)  # top-k class names, most probable first
     probabilities: list = field(default_factory=list)  # their probabilities
     error: str | None = None  # why this input could not be predicted
+    predicted: list | None = None  # multi-label: [label, probability] above threshold
 
     @property
     def label(self):
@@ -39,9 +44,12 @@ class Prediction:
 
     def to_dict(self):
         """JSON-ready form."""
-        return {"file": self.source, "labels": self.labels,
-                "probabilities": [round(p, 6) for p in self.probabilities],
-                "error": self.error}
+        values = {"file": self.source, "labels": self.labels,
+                  "probabilities": [round(p, 6) for p in self.probabilities],
+                  "error": self.error}
+        if self.predicted is not None:
+            values["predicted"] = [[label, round(p, 6)] for label, p in self.predicted]
+        return values
 
 
 class Classifier:
@@ -53,6 +61,8 @@ class Classifier:
         class_names: class name per output index.
         image_size: input side in pixels.
         resize: resize policy.
+        multi_label: whether the export is multi-label (sigmoid outputs).
+        thresholds: a multi-label export's threshold per class (else None).
     """
 
     def __init__(self, path):
@@ -61,6 +71,9 @@ class Classifier:
         self.class_names = list(self.metadata["class_names"])
         self.image_size = int(self.metadata["image_size"])
         self.resize = self.metadata["resize"]
+        self.multi_label = bool(self.metadata.get("multi_label", False))
+        self.thresholds = (np.asarray(self.metadata["thresholds"], np.float32).tolist()
+                           if self.multi_label else None)
         self._saved = tf.saved_model.load(str(self.path))
         self._predict_images = self._saved.signatures["predict_images"]
         self._serve = self._saved.signatures["serving_default"]
@@ -93,7 +106,8 @@ class Classifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(self, inputs, top_k=3, batch_size=64, workers=0):
-        """Predicts the top-k classes for image files and folders.
+        """Predicts the top-k classes (and, multi-label, the labels above threshold) for
+        image files and folders.
 
         Args:
             inputs: a path or a list of paths; a folder contributes every image file below
@@ -122,9 +136,13 @@ class Classifier:
                     if isinstance(row, str):
                         result.error = row
                         continue
-                    order = np.argsort(-row, kind="stable")[:top_k]
-                    result.labels = [self.class_names[j] for j in order]
-                    result.probabilities = [float(row[j]) for j in order]
+                    order = np.argsort(-row, kind="stable")
+                    result.labels = [self.class_names[j] for j in order[:top_k]]
+                    result.probabilities = [float(row[j]) for j in order[:top_k]]
+                    if self.multi_label:
+                        above = row >= np.asarray(self.thresholds, np.float32)
+                        result.predicted = [[self.class_names[j], float(row[j])]
+                                            for j in order if above[j]]
         return results
 
     def _batch_probabilities(self, files, pool):

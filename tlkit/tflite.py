@@ -74,8 +74,8 @@ def export_tflite(model_path=None, *, quantize="none", output_dir=None, calibrat
 
     Raises:
         ConfigError: if an argument is invalid, or ai-edge-litert is not installed.
-        ExportError: if `model_path` is not a tlkit export, the file exists and `overwrite`
-            is False, `output_dir` holds the files of a model with other classes, or int8 has
+        ExportError: if `model_path` is not a tlkit export or is a multi-label one, the
+            file exists and `overwrite` is False, `output_dir` holds the files of a model with other classes, or int8 has
             no calibration images.
 
     Example:
@@ -95,6 +95,13 @@ def export_tflite(model_path=None, *, quantize="none", output_dir=None, calibrat
     interpreter_class = _litert_interpreter()
     source = resolve_export(model_path, export_dir)
     metadata = read_metadata(source)
+    if metadata.get("multi_label"):
+        raise ExportError(
+            f"{str(source)!r} is a multi-label export: its `class_names` output joins the "
+            "labels above their thresholds into one string, an operation TFLite's built-in "
+            "ops cannot run, so it is not converted. Serve the SavedModel (`tlkit serve`), "
+            "or run its `predict_images` probabilities against the `thresholds` in "
+            "assets/tlkit.json.")
     class_names = list(metadata["class_names"])
     folder = Path(output_dir) if output_dir is not None else (
         source.parent / TFLITE_FOLDER / source.name)

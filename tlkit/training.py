@@ -26,7 +26,9 @@ METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class Trainer:
-    """Trains a Keras classifier with sparse categorical cross-entropy and Adam.
+    """Trains a Keras classifier with sparse categorical cross-entropy and Adam (binary
+    cross-entropy for multi-hot float labels `(n, classes)`, a multi-label model's; its
+    `accuracy` is then the share of label decisions right at 0.5).
 
     Every step runs through `strategy.run` on a distributed dataset, whatever the strategy:
     with none given, it is TensorFlow's default strategy (this process, its default
@@ -153,7 +155,7 @@ class Trainer:
         def gradients(images, labels):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
-                losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+                losses = _losses(labels, probabilities)
                 if weights is not None:
                     losses = losses * tf.gather(weights, labels)
                 loss = optimizer.scale_loss(tf.nn.compute_average_loss(losses))
@@ -269,9 +271,24 @@ def _unless_empty(labels, compute, empty):
     return tf.cond(tf.size(labels) > 0, compute, empty)
 
 
+def _losses(labels, probabilities):
+    """Per-image loss: cross-entropy of class indices, or, for multi-hot label rows, the
+    binary cross-entropy averaged over the labels."""
+    if labels.shape.rank == 2:
+        return keras.losses.binary_crossentropy(tf.cast(labels, probabilities.dtype),
+                                                probabilities)
+    return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+
+
 def _batch_sums(labels, probabilities, losses):
-    predicted = tf.argmax(probabilities, axis=-1, output_type=labels.dtype)
-    correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+    """Summed loss, correct count and images of a batch. For multi-hot labels an image's
+    "correct" is its share of labels right at threshold 0.5 (binary accuracy)."""
+    if labels.shape.rank == 2:
+        right = tf.equal(probabilities >= 0.5, tf.cast(labels, probabilities.dtype) >= 0.5)
+        correct = tf.reduce_sum(tf.reduce_mean(tf.cast(right, tf.float32), axis=-1))
+    else:
+        predicted = tf.argmax(probabilities, axis=-1, output_type=labels.dtype)
+        correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
     return tf.reduce_sum(losses), correct, tf.cast(tf.shape(labels)[0], tf.float32)
 
 
@@ -301,8 +318,7 @@ def evaluate(model, dataset):
 
 def _eval_step(model, images, labels):
     probabilities = model(images, training=False)
-    losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-    return _batch_sums(labels, probabilities, losses)
+    return _batch_sums(labels, probabilities, _losses(labels, probabilities))
 
 
 def probability_metrics(labels, probabilities, batch_size):
@@ -310,7 +326,8 @@ def probability_metrics(labels, probabilities, batch_size):
     exactly as `evaluate` computes them on a dataset of `batch_size` batches.
 
     Args:
-        labels: integer class index per row of `probabilities`.
+        labels: integer class index per row of `probabilities`, or multi-hot rows
+            `(n, classes)` (then binary cross-entropy and binary accuracy).
         probabilities: float32 array `(n, classes)`.
         batch_size: the batch size the probabilities were predicted with.
 
@@ -319,10 +336,12 @@ def probability_metrics(labels, probabilities, batch_size):
     """
     totals = np.zeros(3)
     for start in range(0, len(labels), batch_size):
-        batch_labels = tf.constant(np.asarray(labels[start:start + batch_size], np.int64))
+        batch_labels = np.asarray(labels[start:start + batch_size])
+        batch_labels = tf.constant(batch_labels, np.float32 if batch_labels.ndim == 2
+                                   else np.int64)
         batch = tf.constant(np.asarray(probabilities[start:start + batch_size], np.float32))
-        losses = keras.losses.sparse_categorical_crossentropy(batch_labels, batch)
-        totals += [float(v) for v in _batch_sums(batch_labels, batch, losses)]
+        totals += [float(v) for v in _batch_sums(batch_labels, batch,
+                                                 _losses(batch_labels, batch))]
     if not totals[2]:
         return {"loss": math.nan, "accuracy": math.nan}
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
