@@ -565,7 +565,8 @@ def audit_labels(data_dir=None, *, config=None, output_dir=None, **options):
     outliers (see the module docstring for the method).
 
     Args:
-        data_dir: folder with one subfolder per class.
+        data_dir: folder with one subfolder per class (or, with `labels`, the folder a
+            label file's relative paths are also looked up in).
         config: an `AuditConfig`; options given as keywords override it.
         output_dir: if given, a folder (created if missing) that receives `OUTPUT_FILES`:
             `audit.csv` (one row per image, the suspects first: file, given and suggested
@@ -573,7 +574,8 @@ def audit_labels(data_dir=None, *, config=None, output_dir=None, **options):
             rank), `audit.json` (`AuditReport.to_dict()`) and `audit.png` (thumbnails of the
             first `thumbnails` suspects, "given -> suggested"; not written, and an old one
             removed, when there is none).
-        **options: any field of `AuditConfig`: `backbone`, `weights`, `image_size`
+        **options: any field of `AuditConfig`: `labels` (a label file, see
+            `tlkit.data.scan_labels`), `backbone`, `weights`, `image_size`
             (`"auto"` resolves as `tlkit.fit` resolves it), `resize`, `folds`,
             `weight_decay`, `method`, `seed`, `cache_dir`, `feature_cache`, `workers`,
             `batch_size`, `thumbnails`, `verbose`.
