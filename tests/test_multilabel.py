@@ -424,14 +424,40 @@ def test_serve_answers_rest_and_grpc_with_the_multi_label_outputs(multi_label_ru
                                       want["class_names"].numpy())
 
 
-def test_tflite_refuses_a_multi_label_export_clearly(multi_label_run, tmp_path):
-    pytest.importorskip("ai_edge_litert")
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_tflite_converts_the_probabilities_and_the_thresholded_labels(multi_label_run,
+                                                                      tmp_path, quantize):
+    """TFLite computes `probabilities` and `predicted` (the thresholds in the graph); the
+    joined `class_names` string is left out, as TFLite's built-in ops cannot join."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tlkit.images import load_image
     from tlkit.tflite import export_tflite
 
-    _, export = multi_label_run
-    with pytest.raises(ExportError, match="multi-label export"):
-        export_tflite(export, output_dir=tmp_path / "lite")
-    assert not (tmp_path / "lite").exists()
+    base, export = multi_label_run
+    path = export_tflite(export, quantize=quantize, output_dir=tmp_path / "lite")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    saved = json.loads((export / "assets" / "tlkit.json").read_text())
+    assert meta["outputs"] == {"probabilities": "float32", "predicted": "bool"}
+    assert meta["multi_label"] is True and meta["thresholds"] == saved["thresholds"]
+    files = sorted((base / "photos").glob("**/*.png"))[:24]
+    images = np.stack([load_image(f, SIZE) for f in files])
+    want = tf.saved_model.load(str(export)).signatures["predict_images"](
+        images=tf.constant(images, tf.float32))
+    runner = Interpreter(model_path=str(path)).get_signature_runner("predict_images")
+    (details,) = runner.get_input_details().values()
+    got = runner(images=images.astype(details["dtype"]))
+    assert set(got) == {"probabilities", "predicted"}
+    assert got["predicted"].dtype == bool
+    np.testing.assert_array_equal(got["predicted"],
+                                  got["probabilities"] >= np.float32(saved["thresholds"]))
+    if quantize == "none":
+        np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-5)
+        np.testing.assert_array_equal(got["predicted"], want["predicted"].numpy())
+    else:
+        agreement = (got["predicted"] == want["predicted"].numpy()).mean()
+        assert agreement >= 0.9, agreement
 
 
 def test_head_trains_on_cached_features_with_multi_hot_labels(multi_label_run, capsys):

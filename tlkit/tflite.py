@@ -7,7 +7,11 @@ The converted graph is the export's float signature (string decoding is not TFLi
 the caller decodes and resizes images with the export's rule (size and resize policy in the
 JSON file beside the model) and feeds pixels 0..255. Outputs keep their names:
 `probabilities` (float32 `[n, classes]`), `class_ids` (int64 `[n]`) and `class_names`
-(string `[n]`, top-1); `labels.txt` lists the classes in output order.
+(string `[n]`, top-1); `labels.txt` lists the classes in output order. A multi-label export
+converts to `probabilities` (sigmoid, `[n, classes]`) and `predicted` (bool `[n, classes]`,
+at or above each label's threshold, baked into the graph; the thresholds are in the JSON
+file too): its `class_names` output joins labels into one string, which TFLite's built-in
+ops do not compute.
 
 Quantisation modes (`QUANTIZE_MODES`):
 
@@ -25,6 +29,7 @@ TF Serving ignores the `tflite` folder (its name is not a version number), and s
 
 import datetime
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -74,9 +79,9 @@ def export_tflite(model_path=None, *, quantize="none", output_dir=None, calibrat
 
     Raises:
         ConfigError: if an argument is invalid, or ai-edge-litert is not installed.
-        ExportError: if `model_path` is not a tlkit export or is a multi-label one, the
-            file exists and `overwrite` is False, `output_dir` holds the files of a model with other classes, or int8 has
-            no calibration images.
+        ExportError: if `model_path` is not a tlkit export, the file exists and
+            `overwrite` is False, `output_dir` holds the files of a model with other
+            classes, or int8 has no calibration images.
 
     Example:
 
@@ -95,13 +100,6 @@ def export_tflite(model_path=None, *, quantize="none", output_dir=None, calibrat
     interpreter_class = _litert_interpreter()
     source = resolve_export(model_path, export_dir)
     metadata = read_metadata(source)
-    if metadata.get("multi_label"):
-        raise ExportError(
-            f"{str(source)!r} is a multi-label export: its `class_names` output joins the "
-            "labels above their thresholds into one string, an operation TFLite's built-in "
-            "ops cannot run, so it is not converted. Serve the SavedModel (`tlkit serve`), "
-            "or run its `predict_images` probabilities against the `thresholds` in "
-            "assets/tlkit.json.")
     class_names = list(metadata["class_names"])
     folder = Path(output_dir) if output_dir is not None else (
         source.parent / TFLITE_FOLDER / source.name)
@@ -117,14 +115,21 @@ def export_tflite(model_path=None, *, quantize="none", output_dir=None, calibrat
     if quantize == "int8":
         calibration, calibration_source = _calibration(source, metadata, calibration_data)
 
-    content = _convert(source, quantize, calibration)
+    multi_label = bool(metadata.get("multi_label"))
+    if multi_label:
+        with tempfile.TemporaryDirectory() as numeric:
+            content = _convert(_numeric_outputs(source, numeric), quantize, calibration)
+    else:
+        content = _convert(source, quantize, calibration)
     interpreter = interpreter_class(model_content=content)
     description = {
         "format": "tlkit-tflite",
         "quantize": quantize,
         "signature": SIGNATURE,
         "input": _input_description(interpreter),
-        "outputs": {"probabilities": "float32", "class_ids": "int64", "class_names": "string"},
+        "outputs": ({"probabilities": "float32", "predicted": "bool"} if multi_label else
+                    {"probabilities": "float32", "class_ids": "int64", "class_names": "string"}),
+        **({"multi_label": True, "thresholds": metadata["thresholds"]} if multi_label else {}),
         "class_names": class_names,
         "image_size": int(metadata["image_size"]),
         "resize": metadata["resize"],
@@ -194,6 +199,23 @@ def _decode_folder(folder, metadata):
     if not decoded.ok.any():
         raise DataError(f"No image of {str(folder)!r} could be decoded for calibration.")
     return decoded.cache.array[decoded.ok]
+
+
+def _numeric_outputs(source, folder):
+    """A SavedModel in `folder` whose `predict_images` is the export's without the
+    `class_names` output of a multi-label export (labels joined into one string, which
+    TFLite's built-in ops cannot compute); returns `folder`."""
+    loaded = tf.saved_model.load(str(source))
+    signature = loaded.signatures[SIGNATURE]
+    (spec,) = signature.structured_input_signature[1].values()
+
+    def predict_images(images):
+        outputs = signature(images=images)
+        return {"probabilities": outputs["probabilities"], "predicted": outputs["predicted"]}
+
+    numeric = tf.function(predict_images, input_signature=[spec]).get_concrete_function()
+    tf.saved_model.save(loaded, folder, signatures={SIGNATURE: numeric})
+    return folder
 
 
 def _convert(source, quantize, calibration):
