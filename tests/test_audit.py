@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
-from tlkit.audit import (METHODS, audit_labels, confident_learning, find_outliers,
-                         out_of_sample_probabilities, stratified_folds, train_softmax_head)
+from test_multilabel import LABELS, label_image, write_label_data
+from tlkit.audit import (METHODS, audit_labels, confident_learning,
+                         confident_learning_per_label, find_outliers,
+                         multi_label_probabilities, out_of_sample_probabilities, rarest_labels,
+                         stratified_folds, train_softmax_head)
 from tlkit.cli import main
 from tlkit.errors import ConfigError, DataError
 
@@ -249,3 +253,113 @@ def test_a_label_file_is_audited_like_class_folders(image_folder, tmp_path):
         first = next(csv.DictReader(f))
     assert Path(first["file"]) == root / "a" / "a_000.png"
     assert (first["given"], first["suggested"], first["label_issue"]) == ("b", "a", "True")
+
+
+# --- Multi-label -------------------------------------------------------------------------------
+
+
+def test_per_label_confident_learning_finds_a_missing_and_an_extra_label():
+    # Three labels, each present on half the images; the model is sure of every label.
+    rng = np.random.default_rng(0)
+    true = rng.random((60, 3)) < 0.5
+    p = np.where(true, rng.uniform(0.8, 0.95, true.shape), rng.uniform(0.05, 0.2, true.shape))
+    given = true.copy()
+    given[4, 1] = not true[4, 1]
+    given[9, 2] = not true[9, 2]
+    p[4, 1], p[9, 2] = (0.97 if true[4, 1] else 0.03), (0.99 if true[9, 2] else 0.01)
+    learning, issues = confident_learning_per_label(p, given)
+    assert issues.tolist() == [[9, 2], [4, 1]]  # the surer one first
+    assert len(learning) == 3 and learning[0].noise_rates.max() == 0
+
+
+def test_multi_label_folds_are_stratified_on_the_rarest_label():
+    matrix = np.zeros((40, 3), bool)
+    matrix[:, 0] = True  # everyone has a
+    matrix[:5, 2] = True  # five have the rare c
+    matrix[5:25, 1] = True
+    assert rarest_labels(matrix).tolist() == [2] * 5 + [1] * 20 + [0] * 15
+    _, fold_of = multi_label_probabilities(np.random.default_rng(0).normal(size=(40, 4)),
+                                           matrix, folds=5)
+    assert sorted(fold_of[:5]) == [0, 1, 2, 3, 4]  # one rare image in every fold
+
+
+def write_multi_label_file(folder, rows):
+    with open(folder / "audit_labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("path", "label"))
+        writer.writerows(rows)
+    return folder / "audit_labels.csv"
+
+
+def read_rows(tmp_path):
+    with open(tmp_path / "out" / "audit.csv", newline="") as f:
+        return {Path(row["file"]).name: row for row in csv.DictReader(f)}
+
+
+def test_multi_label_audit_flags_a_dropped_and_an_added_label(tmp_path):
+    labels_file, rows = write_label_data(tmp_path / "photos")
+    by_name = dict(rows)
+    assert by_name["img/030.png"] == "a;b" and by_name["img/000.png"] == "a"
+    by_name["img/030.png"] = "a"  # drops b: the image has both bars
+    by_name["img/000.png"] = "a;c"  # adds c: the image has no c bar
+    labels_file = write_multi_label_file(tmp_path / "photos", sorted(by_name.items()))
+    result = CliRunner().invoke(main, audit_args(tmp_path / "photos", tmp_path, "--labels",
+                                                 str(labels_file), "--multi-label"))
+    assert result.exit_code == 0, result.output
+    assert "030.png: a -> a;b (b missing" in result.output
+    assert "000.png: a;c -> a (c extra" in result.output
+    found = read_rows(tmp_path)
+    assert (found["030.png"]["given"], found["030.png"]["suggested"]) == ("a", "a;b")
+    assert (found["030.png"]["missing"], found["030.png"]["extra"]) == ("b", "")
+    assert (found["000.png"]["given"], found["000.png"]["suggested"]) == ("a;c", "a")
+    assert (found["000.png"]["missing"], found["000.png"]["extra"]) == ("", "c")
+    assert found["030.png"]["label_issue"] == found["000.png"]["label_issue"] == "True"
+    assert {found["030.png"]["rank"], found["000.png"]["rank"]} == {"1", "2"}
+    summary = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert summary["multi_label"] is True and summary["settings"]["multi_label"] is True
+    issues = {(Path(e["file"]).name, e["label"], e["given"], e["suggested"])
+              for e in summary["label_issues"][:2]}
+    assert issues == {("030.png", "b", "absent", "present"),
+                      ("000.png", "c", "present", "absent")}
+    assert summary["labels"]["b"]["missing"] >= 1 and summary["labels"]["c"]["extra"] >= 1
+    png = (tmp_path / "out" / "audit.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    report = audit_labels(tmp_path / "photos", labels=labels_file, multi_label=True,
+                          backbone="scratch", weights="none", image_size=16,
+                          cache_dir=tmp_path / "cache", verbose=0)
+    first = next(i for i, f in enumerate(report.files) if Path(f).name == "030.png")
+    assert report.caption(first) == "given a -> a;b"
+
+
+def test_a_clean_multi_label_set_flags_few(tmp_path):
+    labels_file, _ = write_label_data(tmp_path / "photos")
+    report = audit_labels(tmp_path / "photos", labels=labels_file, multi_label=True,
+                          backbone="scratch", weights="none", image_size=16,
+                          cache_dir=tmp_path / "cache", verbose=0)
+    assert report.probabilities.shape == (48, 3)
+    assert len(report.issues) <= 2, report.to_table()  # of 144 label decisions
+    assert np.mean((report.probabilities > 0.5) == report.labels) > 0.95
+
+
+def test_the_same_image_in_two_folders_is_one_image_not_a_conflict(tmp_path):
+    root = tmp_path / "tree"
+    for label, name in enumerate(LABELS):
+        (root / name).mkdir(parents=True)
+        for i in range(8):
+            image = label_image((label,), label * 100 + i)
+            Image.fromarray(image).save(root / name / f"{name}_{i}.png")
+    Image.fromarray(label_image((0, 1), 999)).save(root / "a" / "both.png")
+    shutil.copy(root / "a" / "both.png", root / "b" / "copy_of_both.png")
+    result = CliRunner().invoke(main, audit_args(root, tmp_path, "--multi-label"))
+    assert result.exit_code == 0, result.output
+    assert "2 file(s) with the same content" in result.output
+    found = read_rows(tmp_path)
+    assert len(found) == 25 and "copy_of_both.png" not in found
+    assert found["both.png"]["given"] == "a;b"
+    assert found["both.png"]["label_issue"] == "False", found["both.png"]
+    summary = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert summary["counts"]["images"] == 25
+    # Single-label, the copies stay two images with a label each.
+    result = CliRunner().invoke(main, audit_args(root, tmp_path))
+    assert result.exit_code == 0, result.output
+    assert len(read_rows(tmp_path)) == 26

@@ -42,6 +42,19 @@ features (centred on the data's mean) are far from every class: its cosine dista
 nearest class mean (1 - the largest cosine similarity) is beyond Tukey's upper fence of the
 log distances over the images (third quartile + 1.5 x interquartile range; in logs, since
 distances are bounded below and skewed).
+
+Multi-label (`multi_label`: a label file's `a;b` cells, or the same image in several class
+folders, its copies merged by content as `tlkit.data.merge_copies` merges them for `fit`):
+each label is a binary problem of its own, absent or present. The folds are stratified on
+each image's rarest label; per fold and label a two-class head gives the out-of-sample
+probability that the label is present, and confident learning on that label's two columns
+(one threshold for presence, one for absence) finds the images whose given state of the
+label is likely wrong: a label the image has but was not given ("missing"), or one it was
+given but does not have ("extra"). Each issue is an (image, label) pair, ranked by the
+probability of the state opposite to the given one; a label's estimated noise is the share
+of images whose given state of it is wrong. Outliers are as above, with each label's mean
+over the images that have it. Ambiguous images are not looked for: several labels claiming
+one image is what multi-label means.
 """
 
 import csv
@@ -57,7 +70,8 @@ import numpy as np
 from tlkit.api import resolve_config
 from tlkit.backbones import get_backbone
 from tlkit.config import AUDIT_METHODS, AuditConfig, build_config
-from tlkit.data import Split, decode_images, scan_data, survey_folder
+from tlkit.data import (LABEL_SEPARATOR, Split, decode_images, merge_copies, scan_data,
+                        survey_folder)
 from tlkit.errors import ConfigError, DataError
 from tlkit.features import FeatureCache, FeatureEngine, split_features
 from tlkit.models import build_backbone, build_classifier
@@ -318,14 +332,15 @@ def find_outliers(features, labels, num_classes):
     """Images far from every class in feature space.
 
     Features are centred on their mean and scaled to unit length; each class's mean
-    direction is the normalised mean of its images'. An image's score is its largest
-    cosine similarity to a class mean; it is an outlier when the log of its distance,
-    log(1 - score), is above Tukey's upper fence over all images, Q3 + `OUTLIER_FENCE` x
-    (Q3 - Q1).
+    direction is the normalised mean of its images' (for multi-label images, each label's
+    mean over the images that have it). An image's score is its largest cosine similarity
+    to a class mean, any class's (not only its own); it is an outlier when the log of its
+    distance, log(1 - score), is above Tukey's upper fence over all images, Q3 +
+    `OUTLIER_FENCE` x (Q3 - Q1).
 
     Args:
         features: float array `(n, d)`.
-        labels: given class index per image.
+        labels: given class index per image, or a multi-hot matrix `(n, K)`.
         num_classes: K.
 
     Returns:
@@ -334,15 +349,108 @@ def find_outliers(features, labels, num_classes):
     x = np.asarray(features, np.float64)
     x = x - x.mean(axis=0)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        images, classes = np.nonzero(labels > 0.5)
+    else:
+        images, classes = np.arange(len(labels)), labels
     means = np.zeros((num_classes, x.shape[1]))
-    np.add.at(means, np.asarray(labels), x)
+    np.add.at(means, classes, x[images])
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-    present = np.bincount(labels, minlength=num_classes) > 0
+    present = np.bincount(classes, minlength=num_classes) > 0
     scores = (x @ means[present].T).max(axis=1)
     distances = np.log(np.maximum(1.0 - scores, 1e-12))
     first, third = np.percentile(distances, [25, 75])
     outliers = np.flatnonzero(distances > third + OUTLIER_FENCE * (third - first))
     return scores, outliers[np.argsort(scores[outliers], kind="stable")]
+
+
+# --- Multi-label: one binary problem per label --------------------------------------------------
+
+
+def rarest_labels(label_matrix):
+    """Per image, its label with the fewest images overall (`K` for an image with none): what
+    the folds of a multi-label audit are stratified on."""
+    present = np.asarray(label_matrix) > 0.5
+    counts = present.sum(axis=0)
+    rarest = np.where(present, counts, len(present) + 1).argmin(axis=1)
+    return np.where(present.any(axis=1), rarest, present.shape[1])
+
+
+def multi_label_probabilities(features, label_matrix, folds=5, seed=42, weight_decay=1e-3):
+    """Out-of-sample probability of each label being present on each image.
+
+    Each label is a binary problem of its own (absent / present). The images are dealt
+    into folds stratified on their rarest label (`rarest_labels`, `stratified_folds`), so
+    every fold gets its share of every rare label; for each fold and label a two-class
+    softmax head (`train_softmax_head`: a logistic regression, what a sigmoid output is)
+    trains on the other folds and scores this one.
+
+    Args:
+        features: float array `(n, d)`.
+        label_matrix: multi-hot given labels `(n, K)`.
+        folds: the number of folds (>= 2), or a fold index per image.
+        seed: seed of the folds.
+        weight_decay: see `train_softmax_head`.
+
+    Returns:
+        `(probabilities (n, K) of presence, fold index per image)`.
+    """
+    present = np.asarray(label_matrix) > 0.5
+    if present.ndim != 2 or len(present) != len(features):
+        raise ConfigError("`label_matrix` must be a multi-hot matrix (n, K) with one row per "
+                          f"feature row. Received: label_matrix.shape={present.shape}, "
+                          f"features.shape={np.shape(features)}")
+    if np.ndim(folds) == 0:
+        check_number("folds", folds, 2, integer=True)
+        folds = stratified_folds(rarest_labels(present), folds, seed)
+    probabilities = np.zeros(present.shape, np.float32)
+    for label in range(present.shape[1]):
+        p, fold_of = out_of_sample_probabilities(features, present[:, label].astype(np.int64),
+                                                 2, folds, seed, weight_decay)
+        probabilities[:, label] = p[:, 1]
+    return probabilities, fold_of
+
+
+def confident_learning_per_label(probabilities, label_matrix, method="self_confidence"):
+    """Confident learning on each label's binary problem: the images where a label's given
+    presence or absence is likely wrong.
+
+    Label j's columns are `(1 - p_j, p_j)` and its given class is absent (0) or present
+    (1); `confident_learning` then finds, with one threshold for presence and one for
+    absence, the images whose given state of the label is likely wrong. Each issue is an
+    (image, label) pair: the image likely has a label it was not given, or was given one it
+    does not have.
+
+    Args:
+        probabilities: `(n, K)` out-of-sample presence probabilities
+            (`multi_label_probabilities`).
+        label_matrix: multi-hot given labels `(n, K)`.
+        method: one of `METHODS`.
+
+    Returns:
+        `(learning, issues)`: a `ConfidentLearning` per label, and the issues as an int
+        array `(m, 2)` of (image, label) pairs, the most confident in the opposite of the
+        given state first.
+    """
+    p = np.asarray(probabilities, np.float64)
+    present = np.asarray(label_matrix) > 0.5
+    if p.ndim != 2 or present.shape != p.shape:
+        raise ConfigError("`probabilities` and `label_matrix` must both be (n, K). Received: "
+                          f"probabilities.shape={p.shape}, label_matrix.shape={present.shape}")
+    learning = tuple(confident_learning(np.stack([1 - p[:, j], p[:, j]], axis=1),
+                                        present[:, j].astype(np.int64), method)
+                     for j in range(p.shape[1]))
+    issues = np.array([(i, j) for j, found in enumerate(learning) for i in found.label_issues],
+                      np.int64).reshape(-1, 2)
+    opposite = _opposite_confidence(p, present, issues)
+    return learning, issues[np.argsort(-opposite, kind="stable")]
+
+
+def _opposite_confidence(p, present, issues):
+    """p(the label's state is not the given one) of each (image, label) issue."""
+    images, labels = issues[:, 0], issues[:, 1]
+    return np.where(present[images, labels], 1.0 - p[images, labels], p[images, labels])
 
 
 # --- Features -------------------------------------------------------------------------------
@@ -362,7 +470,8 @@ class ImageFeatures:
 
 
 def image_features(files, backbone, weights, image_size, resize="squash", *, cache_dir=None,
-                   feature_cache=True, workers=0, batch_size=64, seed=42, verbose=1):
+                   feature_cache=True, workers=0, batch_size=64, seed=42, verbose=1,
+                   decoded=None):
     """Decodes image files and computes their pooled features on a frozen backbone, once.
 
     Files are decoded with `tlkit.data.decode_images` (the training image contract;
@@ -384,6 +493,10 @@ def image_features(files, backbone, weights, image_size, resize="squash", *, cac
         batch_size: images per forward pass.
         seed: seeds Keras before the backbone is built (random weights are repeatable).
         verbose: 0 silent, else progress bars and a line on where the features came from.
+        decoded: the `tlkit.data.DecodedImages` of `files` at `image_size` and `resize`,
+            when they are decoded already (a file marked not ok there, such as a copy
+            `tlkit.data.merge_copies` merged, is left out as an unreadable one is, without
+            being listed as skipped); None decodes them here.
 
     Returns:
         An `ImageFeatures`.
@@ -394,7 +507,9 @@ def image_features(files, backbone, weights, image_size, resize="squash", *, cac
     keras.utils.set_random_seed(seed)
     model = build_classifier(spec.name, 2, image_size,
                              backbone_model=build_backbone(spec.name, image_size, weights))
-    decoded = decode_images(list(files), image_size, resize, workers=workers, verbose=verbose)
+    if decoded is None:
+        decoded = decode_images(list(files), image_size, resize, workers=workers,
+                                verbose=verbose)
     positions = np.flatnonzero(decoded.ok)
     usable = [files[i] for i in positions]
     split = Split("audit", decoded.cache, positions, np.zeros(len(positions), np.int64),
@@ -559,6 +674,195 @@ class AuditReport:
             lines += [f"  {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
 
+    def caption(self, i):
+        """The thumbnail caption of image `i`: "given -> suggested (p(given))", the two
+        classes of an ambiguous one, or an outlier's score."""
+        names, given = self.class_names, self.class_names[self.labels[i]]
+        if i in set(map(int, self.label_issues)):
+            return f"{given} -> {names[self.suggested[i]]} ({self.self_confidence[i]:.2f})"
+        if i in set(map(int, self.ambiguous)):
+            top = np.argsort(-self.probabilities[i])[:2]
+            return f"{given}: {names[top[0]]} or {names[top[1]]}?"
+        return f"{given}: outlier ({self.outlier_scores[i]:.2f})"
+
+
+@dataclass
+class MultiLabelAuditReport:
+    """The audit of a multi-label data set: per image its given labels and the out-of-sample
+    probability of each label; the likely wrong label decisions as (image, label) pairs.
+    Ambiguous images are not looked for (several labels claiming an image is what
+    multi-label means), so `ambiguous` is empty."""
+
+    data_dir: str  # the audited folder
+    class_names: tuple  # label names, in column order
+    files: tuple  # the images that decoded (one per content), in scan order
+    labels: np.ndarray  # bool (n, K): the given labels (of every merged copy)
+    probabilities: np.ndarray = field(repr=False)  # (n, K) out-of-sample p(label present)
+    fold_of: np.ndarray = field(repr=False)  # the fold each image was held out in
+    learning: tuple = field(repr=False)  # a ConfidentLearning per label (absent, present)
+    issues: np.ndarray = field(repr=False)  # (m, 2) (image, label) pairs, most confident first
+    outlier_scores: np.ndarray = field(repr=False)  # best cosine similarity to a label mean
+    outliers: np.ndarray  # image indices, the least similar first
+    skipped: list  # (path, reason) of files that could not be decoded
+    ignored: list  # (path, reason) of entries the scan skipped and merged copies
+    settings: dict  # the resolved AuditConfig, as run
+    features: np.ndarray = field(default=None, repr=False)  # (n, d) backbone features
+    seconds: dict = field(default_factory=dict)  # decode and features, heads, total
+    notes: list = field(default_factory=list)  # what was done to the data (copies merged)
+
+    @property
+    def suggested(self):
+        """bool `(n, K)`: the given labels with every issue's label state flipped."""
+        suggested = self.labels.copy()
+        suggested[self.issues[:, 0], self.issues[:, 1]] ^= True
+        return suggested
+
+    @property
+    def issue_confidence(self):
+        """Per issue, the out-of-sample probability of the state opposite to the given one."""
+        return _opposite_confidence(self.probabilities, self.labels, self.issues)
+
+    @property
+    def label_issues(self):
+        """Indices of the images with at least one likely wrong label decision, in the
+        order of their most confident issue."""
+        return np.array(list(dict.fromkeys(self.issues[:, 0].tolist())), np.int64)
+
+    @property
+    def ambiguous(self):
+        """Always empty: not looked for with multiple labels."""
+        return np.zeros(0, np.int64)
+
+    @property
+    def ranked(self):
+        """Every suspect once, in the order to look at them: images with label issues, then
+        outliers."""
+        return [int(i) for i in dict.fromkeys([*self.label_issues, *self.outliers])]
+
+    def names(self, row):
+        """The labels of a bool row by name, joined by `;` ("" for none)."""
+        return LABEL_SEPARATOR.join(self.class_names[j] for j in np.flatnonzero(row))
+
+    def _issues_of(self):
+        """image -> [(label, given present, p(opposite))], in `issues` order."""
+        by_image = {}
+        for (i, j), confidence in zip(self.issues.tolist(), self.issue_confidence):
+            by_image.setdefault(i, []).append((j, bool(self.labels[i, j]), float(confidence)))
+        return by_image
+
+    def rows(self):
+        """One JSON-ready dict per image, the suspects first (in `ranked` order): given and
+        suggested labels (`a;b`), flags, the issue labels (those the image likely has but
+        was not given: `missing`; given but likely wrong: `extra`), the largest issue
+        confidence, each label's probability, outlier score and rank."""
+        rank = {index: position + 1 for position, index in enumerate(self.ranked)}
+        by_image, outlier = self._issues_of(), set(map(int, self.outliers))
+        suggested = self.suggested
+        order = [*rank, *(i for i in range(len(self.files)) if i not in rank)]
+        rows = []
+        for i in order:
+            found = by_image.get(i, [])
+            rows.append({
+                "file": self.files[i], "given": self.names(self.labels[i]),
+                "suggested": self.names(suggested[i]), "label_issue": bool(found),
+                "outlier": i in outlier,
+                "issue_labels": LABEL_SEPARATOR.join(self.class_names[j] for j, _, _ in found),
+                "missing": LABEL_SEPARATOR.join(self.class_names[j] for j, given, _ in found
+                                                if not given),
+                "extra": LABEL_SEPARATOR.join(self.class_names[j] for j, given, _ in found
+                                              if given),
+                "confidence": round(max(c for _, _, c in found), 6) if found else None,
+                "probabilities": LABEL_SEPARATOR.join(
+                    f"{name}={self.probabilities[i, j]:.3f}"
+                    for j, name in enumerate(self.class_names)),
+                "outlier_score": round(float(self.outlier_scores[i]), 6),
+                "rank": rank.get(i)})
+        return rows
+
+    def to_dict(self):
+        """A JSON-ready summary (what audit.json holds): settings, counts, per label its
+        presence threshold, estimated share of images whose given state of it is wrong and
+        its issues; each label's confident joint; the issues, outliers, merged copies and
+        skipped files."""
+        names, n = self.class_names, len(self.files)
+        noise = [1.0 - float(np.trace(found.joint)) for found in self.learning]
+        per_label = {j: [0, 0] for j in range(len(names))}  # missing, extra
+        for i, j in self.issues.tolist():
+            per_label[j][int(self.labels[i, j])] += 1
+        return {
+            "data_dir": self.data_dir,
+            "settings": dict(self.settings),
+            "multi_label": True,
+            "counts": {"images": n, "skipped": len(self.skipped),
+                       "label_issues": len(self.issues),
+                       "images_with_label_issues": len(self.label_issues),
+                       "outliers": len(self.outliers)},
+            "estimated_label_errors": round(sum(noise) * n, 1),
+            "labels": {name: {"images": int(self.labels[:, j].sum()),
+                              "threshold": round(float(self.learning[j].thresholds[1]), 6),
+                              "estimated_noise": round(noise[j], 6),
+                              "label_issues": sum(per_label[j]),
+                              "missing": per_label[j][0], "extra": per_label[j][1]}
+                       for j, name in enumerate(names)},
+            "confident_joint": {name: self.learning[j].confident_joint.tolist()
+                                for j, name in enumerate(names)},
+            "label_issues": [
+                {"file": self.files[i], "label": names[j],
+                 "given": "present" if self.labels[i, j] else "absent",
+                 "suggested": "absent" if self.labels[i, j] else "present",
+                 "confidence": round(float(c), 6), "given_labels": self.names(self.labels[i])}
+                for (i, j), c in zip(self.issues.tolist(), self.issue_confidence)],
+            "outliers": [{"file": self.files[i], "given": self.names(self.labels[i]),
+                          "outlier_score": round(float(self.outlier_scores[i]), 6)}
+                         for i in self.outliers],
+            "notes": list(self.notes),
+            "skipped": [{"file": p, "reason": r} for p, r in self.skipped],
+            "seconds": dict(self.seconds),
+        }
+
+    def to_table(self, limit=20):
+        """A readable report: counts, per label the estimated share of wrong decisions, then
+        the first `limit` images with label issues and outliers."""
+        names, suggested = self.class_names, self.suggested
+        summary = self.to_dict()
+        lines = [f"{self.data_dir}: {len(self.files)} images with {len(names)} labels, "
+                 f"{len(self.skipped)} skipped; {len(self.issues)} likely wrong label(s) on "
+                 f"{len(self.label_issues)} images, {len(self.outliers)} outliers "
+                 f"({self.settings['backbone']} features, {self.settings['folds']}-fold heads "
+                 f"per label, method {self.settings['method']}; multi-label: ambiguous "
+                 "images are not looked for).", *(f"Note: {note}" for note in self.notes), ""]
+        width = max(len("label"), *(len(n) for n in names))
+        lines.append(f"{'label':<{width}}  images  threshold  est. noise  missing  extra")
+        for name, entry in summary["labels"].items():
+            lines.append(f"{name:<{width}}  {entry['images']:>6}  {entry['threshold']:>9.3f}  "
+                         f"{entry['estimated_noise']:>10.1%}  {entry['missing']:>7}  "
+                         f"{entry['extra']:>5}")
+        by_image = self._issues_of()
+        sections = (("Likely wrong labels (given -> suggested; label missing or extra, "
+                     "p(opposite))", self.label_issues,
+                     lambda i: f"{self.names(self.labels[i])} -> {self.names(suggested[i])} ("
+                     + ", ".join(f"{names[j]} {'extra' if given else 'missing'} {c:.3f}"
+                                 for j, given, c in by_image[i]) + ")"),
+                    ("Outliers (given; best label similarity)", self.outliers,
+                     lambda i: f"{self.names(self.labels[i])}; {self.outlier_scores[i]:.3f}"))
+        for title, indices, describe in sections:
+            if len(indices):
+                lines += ["", f"{title}: {len(indices)}"]
+                lines += [f"  {self.files[i]}: {describe(i)}" for i in indices[:limit]]
+                if len(indices) > limit:
+                    lines.append(f"  ... {len(indices) - limit} more in audit.csv")
+        if self.skipped:
+            lines += ["", f"Skipped {len(self.skipped)} file(s) that could not be decoded:"]
+            lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+    def caption(self, i):
+        """The thumbnail caption of image `i`: "given a;b -> a;c", or an outlier's score."""
+        given = self.names(self.labels[i]) or "(none)"
+        if i in set(map(int, self.label_issues)):
+            return f"given {given} -> {self.names(self.suggested[i]) or '(none)'}"
+        return f"{given}: outlier ({self.outlier_scores[i]:.2f})"
+
 
 def audit_labels(data_dir=None, *, config=None, output_dir=None, **options):
     """Finds the images of a labelled folder that are likely labelled wrong, ambiguous or
@@ -573,15 +877,20 @@ def audit_labels(data_dir=None, *, config=None, output_dir=None, **options):
             label, flags, self-confidence, most probable class, margin, outlier score,
             rank), `audit.json` (`AuditReport.to_dict()`) and `audit.png` (thumbnails of the
             first `thumbnails` suspects, "given -> suggested"; not written, and an old one
-            removed, when there is none).
+            removed, when there is none). With `multi_label`, an audit.csv row has the
+            given and suggested labels as `a;b`, the flags and the issue labels
+            (`MultiLabelAuditReport.rows`), and the captions read "given a;b -> a;c".
         **options: any field of `AuditConfig`: `labels` (a label file, see
-            `tlkit.data.scan_labels`), `backbone`, `weights`, `image_size`
+            `tlkit.data.scan_labels`), `multi_label` (a label file's cells are `;`-separated
+            label lists, and files with the same content, such as one image in several class
+            folders, are one image with the labels of every copy, as
+            `tlkit.data.load_image_data` merges them), `backbone`, `weights`, `image_size`
             (`"auto"` resolves as `tlkit.fit` resolves it), `resize`, `folds`,
             `weight_decay`, `method`, `seed`, `cache_dir`, `feature_cache`, `workers`,
             `batch_size`, `thumbnails`, `verbose`.
 
     Returns:
-        An `AuditReport`.
+        An `AuditReport`; with `multi_label`, a `MultiLabelAuditReport`.
 
     Raises:
         ConfigError: for an invalid setting (named, with the value received).
@@ -598,31 +907,53 @@ def audit_labels(data_dir=None, *, config=None, output_dir=None, **options):
     started = time.perf_counter()
     config = _audit_config(data_dir, config, options)
     backbone, weights, image_size = _resolve_model(config)
-    scan = scan_data(config.data_dir, config.labels)  # the one place labels are read
-    _check_classes(scan, np.asarray(scan.labels, np.int64), config.folds)
+    # the one place labels are read
+    scan = scan_data(config.data_dir, config.labels, multi_label=config.multi_label)
+    given = scan.label_matrix() if config.multi_label else np.asarray(scan.labels, np.int64)
+    _check_classes(scan, given, config.folds)
+    decoded = decode_images(list(scan.files), image_size, config.resize,
+                            workers=config.workers, verbose=config.verbose)
+    merged, notes = [], []
+    if config.multi_label:
+        given, merged, note = merge_copies(scan, decoded)
+        notes += [note] if note else []
     computed = image_features(scan.files, backbone, weights, image_size, config.resize,
                               cache_dir=config.cache_dir, feature_cache=config.feature_cache,
                               workers=config.workers, batch_size=config.batch_size,
-                              seed=config.seed, verbose=config.verbose)
-    labels = np.asarray(scan.labels, np.int64)[computed.positions]
+                              seed=config.seed, verbose=config.verbose, decoded=decoded)
+    labels = given[computed.positions]
     _check_classes(scan, labels, config.folds)
     features_done = time.perf_counter()
     num_classes = len(scan.class_names)
-    probabilities, fold_of = out_of_sample_probabilities(
-        computed.features, labels, num_classes, config.folds, config.seed, config.weight_decay)
-    learning = confident_learning(probabilities, labels, config.method)
-    scores, outliers = find_outliers(computed.features, labels, num_classes)
     settings = {**config.to_dict(), "backbone": backbone, "weights": weights,
                 "image_size": image_size, "engine": computed.engine,
                 "features_from_cache": computed.from_cache}
+    common = dict(data_dir=scan.root, class_names=scan.class_names,
+                  files=tuple(computed.files), skipped=list(computed.skipped),
+                  ignored=list(scan.ignored) + merged, settings=settings,
+                  features=computed.features)
+    scores, outliers = find_outliers(computed.features, labels, num_classes)
+    if config.multi_label:
+        labels = labels > 0.5
+        probabilities, fold_of = multi_label_probabilities(
+            computed.features, labels, config.folds, config.seed, config.weight_decay)
+        learning, issues = confident_learning_per_label(probabilities, labels, config.method)
+        report = MultiLabelAuditReport(labels=labels, probabilities=probabilities,
+                                       fold_of=fold_of, learning=learning, issues=issues,
+                                       outlier_scores=scores, outliers=outliers, notes=notes,
+                                       **common)
+    else:
+        probabilities, fold_of = out_of_sample_probabilities(
+            computed.features, labels, num_classes, config.folds, config.seed,
+            config.weight_decay)
+        learning = confident_learning(probabilities, labels, config.method)
+        report = AuditReport(labels=labels, probabilities=probabilities, fold_of=fold_of,
+                             learning=learning, outlier_scores=scores, outliers=outliers,
+                             **common)
     done = time.perf_counter()
-    report = AuditReport(scan.root, scan.class_names, tuple(computed.files), labels,
-                         probabilities, fold_of, learning, scores, outliers,
-                         list(computed.skipped), list(scan.ignored), settings,
-                         computed.features,
-                         {"decode_and_features": round(features_done - started, 2),
-                          "heads_and_flags": round(done - features_done, 2),
-                          "total": round(done - started, 2)})
+    report.seconds = {"decode_and_features": round(features_done - started, 2),
+                      "heads_and_flags": round(done - features_done, 2),
+                      "total": round(done - started, 2)}
     if output_dir is not None:
         write_outputs(report, output_dir, computed.images)
     return report
@@ -660,7 +991,12 @@ def _resolve_model(config):
 
 
 def _check_classes(scan, labels, folds):
-    counts = np.bincount(labels, minlength=len(scan.class_names))
+    """Two classes at least, and each with at least `folds` images (labels: class indices,
+    or a multi-hot matrix)."""
+    if labels.ndim == 2:
+        counts = np.rint(labels.sum(axis=0)).astype(np.int64)
+    else:
+        counts = np.bincount(labels, minlength=len(scan.class_names))
     if len(scan.class_names) < 2:
         raise DataError(f"Data folder {scan.root!r} has only one class "
                         f"({scan.class_names[0]!r}); an audit compares at least two.")
@@ -676,7 +1012,7 @@ def write_outputs(report, output_dir, images):
     """Writes audit.csv, audit.json and audit.png (see `audit_labels`) into `output_dir`.
 
     Args:
-        report: an `AuditReport`.
+        report: an `AuditReport` or a `MultiLabelAuditReport`.
         output_dir: the folder, created if missing.
         images: uint8 pixels of `report.files`, by position, for the thumbnails.
 
@@ -698,18 +1034,8 @@ def write_outputs(report, output_dir, images):
     (folder / "audit.png").unlink(missing_ok=True)
     shown = report.ranked[:report.settings["thumbnails"]]
     if shown:
-        plot_thumbnails([images[i] for i in shown], [_caption(report, i) for i in shown],
+        plot_thumbnails([images[i] for i in shown], [report.caption(i) for i in shown],
                         folder / "audit.png",
                         f"Audit of {Path(report.data_dir).name}: {len(shown)} of "
                         f"{len(report.ranked)} suspects")
     return folder
-
-
-def _caption(report, i):
-    names, given = report.class_names, report.class_names[report.labels[i]]
-    if i in set(map(int, report.label_issues)):
-        return f"{given} -> {names[report.suggested[i]]} ({report.self_confidence[i]:.2f})"
-    if i in set(map(int, report.ambiguous)):
-        top = np.argsort(-report.probabilities[i])[:2]
-        return f"{given}: {names[top[0]]} or {names[top[1]]}?"
-    return f"{given}: outlier ({report.outlier_scores[i]:.2f})"

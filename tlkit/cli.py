@@ -424,6 +424,7 @@ def audit(data_dir, output_dir, output_format, **options):
     likely wrong labels with a suggested label, ambiguous images, and outliers far from
     every class. Writes audit.csv (every image, the suspects first), audit.json (settings,
     counts, estimated noise per class) and audit.png (the suspects, given -> suggested).
+    With --multi-label, each label is audited as present or absent on every image.
 
     \b
     Example:
@@ -431,6 +432,7 @@ def audit(data_dir, output_dir, output_format, **options):
       tlkit audit ./photos --backbone resnet50 --folds 10 --output-dir reports/audit
       tlkit audit ./photos --format json
       tlkit audit ./photos --labels ./photos/labels.csv
+      tlkit audit ./photos --labels ./photos/labels.csv --multi-label
     """
     from tlkit.audit import audit_labels
 

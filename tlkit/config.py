@@ -385,6 +385,7 @@ class AuditConfig:
 
     data_dir: str = _same_setting(DataConfig, "data_dir")
     labels: str | None = _same_setting(DataConfig, "labels")
+    multi_label: bool = _same_setting(DataConfig, "multi_label")
     backbone: str = _same_setting(ModelConfig, "backbone")
     weights: str = _same_setting(ModelConfig, "weights")
     image_size: int | str = _same_setting(DataConfig, "image_size")
@@ -408,8 +409,8 @@ class AuditConfig:
 
     def __post_init__(self):
         _paths_to_str(self, "data_dir", "labels", "cache_dir")
-        DataConfig(self.data_dir, labels=self.labels, image_size=self.image_size,
-                   resize=self.resize, cache_dir=self.cache_dir,
+        DataConfig(self.data_dir, labels=self.labels, multi_label=self.multi_label,
+                   image_size=self.image_size, resize=self.resize, cache_dir=self.cache_dir,
                    workers=self.workers)  # checked as fit checks
         ModelConfig(backbone=self.backbone, weights=self.weights)
         check_number("folds", self.folds, 2, 100, integer=True)

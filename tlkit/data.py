@@ -850,7 +850,7 @@ def load_image_data(config, seed=42, verbose=1):
     decoded = decode_images(scan.files, **decode)
     notes, merged = [], []
     if config.multi_label:
-        labels, merged, note = _merge_copies(scan, decoded)
+        labels, merged, note = merge_copies(scan, decoded)
         notes += [note] if note else []
     else:
         labels = np.asarray(scan.labels, np.int64)
@@ -867,7 +867,7 @@ def load_image_data(config, seed=42, verbose=1):
         val_scan = scan_folder(config.val_dir, class_names=scan.class_names)
         val_decoded = decode_images(val_scan.files, **decode)
         if config.multi_label:
-            val_labels, val_merged, note = _merge_copies(val_scan, val_decoded)
+            val_labels, val_merged, note = merge_copies(val_scan, val_decoded)
             notes += [f"{config.val_dir}: {note}"] if note else []
             ignored += val_merged
         else:
@@ -931,10 +931,24 @@ def _check_every_class_usable(scan, labels, ok):
             )
 
 
-def _merge_copies(scan, decoded):
-    """Multi-hot labels of a multi-label scan, with the files of one content merged: the
-    first decoded copy gets every copy's labels and the others are marked not ok. Returns
-    `(labels, ignored entries of the merged copies, a note or None)`."""
+def merge_copies(scan, decoded):
+    """Multi-hot labels of a multi-label scan, with the files of one content merged into one
+    image: the same image in several class folders, or listed under several paths of a
+    label file, is one image with the labels of every copy.
+
+    The first decoded copy (in scan order) gets the labels of every copy and stands for the
+    image; the other copies are marked not ok in `decoded.ok` (changed in place), so they
+    are left out as the skipped files are.
+
+    Args:
+        scan: a `FolderScan` (its `label_matrix()` and `files`).
+        decoded: the `DecodedImages` of `scan.files` (their `ok` and `digests`).
+
+    Returns:
+        `(labels, ignored, note)`: the multi-hot float32 matrix `(files, classes)` (a merged
+        copy's row stays its own), `(path, reason)` of each merged copy, and a sentence
+        saying how many files were merged (None when none were).
+    """
     labels = scan.label_matrix()
     first_of, merged = {}, []
     for index in np.flatnonzero(decoded.ok):
