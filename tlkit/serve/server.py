@@ -3,6 +3,7 @@ with the limits that keep it up (`ServeLimits`)."""
 
 import io
 import logging
+import sys
 import threading
 from dataclasses import dataclass, fields
 
@@ -20,6 +21,7 @@ log = logging.getLogger("tlkit.serve")
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _SPARE_FILES = 256  # descriptors beyond max_connections: the model, gRPC, logs
+_SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while another waits
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class ModelServer:
         self.requests = 0
         self.batcher = None
         self._rest = self._http = self._grpc = None
+        self._switch_interval = None  # Python's, while this server runs
         self.rest_port = self.grpc_port = None
 
     @property
@@ -114,6 +117,10 @@ class ModelServer:
         if grpc_port is not None and modules is None:
             log.warning(INSTALL_HINT)
         _allow_open_files(self.limits.max_connections + _SPARE_FILES)
+        # A batching thread back from a forward pass waits for the GIL while the event loops
+        # parse requests; Python's default 5 ms interval would leave the model idle that long.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, _SWITCH_INTERVAL))
         self.batcher = Batcher(self.model, *self._batching)
         self._warm_up()
         self._rest = RestApi(self)
@@ -147,7 +154,10 @@ class ModelServer:
             self._rest.close()
         if self.batcher is not None:
             self.batcher.close()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
         self._grpc = self._http = self._rest = None
+        self._switch_interval = None
 
     def __enter__(self):
         return self.start()
