@@ -362,3 +362,17 @@ def test_grpc_limits_message_size_and_concurrent_calls_and_logs_faults_as_errors
     assert any(level == "ERROR" and message.startswith("grpc Predict INTERNAL 0 image(s)")
                for level, message in logged), logged
     assert not any("OK" in message.split()[2:3] for _, message in logged), logged
+
+
+def test_the_switch_interval_is_short_while_any_server_runs(digits_export):
+    before = sys.getswitchinterval()
+    first = ModelServer(digits_export, port=0, grpc_port=None).start()
+    second = ModelServer(digits_export, port=0, grpc_port=None).start()
+    try:
+        assert sys.getswitchinterval() <= 0.0005
+        first.stop()
+        assert sys.getswitchinterval() <= 0.0005  # the second still runs
+    finally:
+        first.stop()
+        second.stop()
+    assert sys.getswitchinterval() == before
