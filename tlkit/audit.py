@@ -456,6 +456,22 @@ def _opposite_confidence(p, present, issues):
 # --- Features -------------------------------------------------------------------------------
 
 
+
+def _listed_sections(files, sections, skipped, limit):
+    """The text lines of a report's flagged sections (`(title, indices, describe)`, each
+    with up to `limit` files) and of its skipped files."""
+    lines = []
+    for title, indices, describe in sections:
+        if len(indices):
+            lines += ["", f"{title}: {len(indices)}"]
+            lines += [f"  {files[i]}: {describe(i)}" for i in indices[:limit]]
+            if len(indices) > limit:
+                lines.append(f"  ... {len(indices) - limit} more in audit.csv")
+    if skipped:
+        lines += ["", f"Skipped {len(skipped)} file(s) that could not be decoded:"]
+        lines += [f"  {path}: {reason}" for path, reason in skipped]
+    return lines
+
 @dataclass
 class ImageFeatures:
     """The frozen backbone's pooled features of the files that decoded."""
@@ -663,16 +679,7 @@ class AuditReport:
                          for c in np.argsort(-self.probabilities[i])[:2])),
                     ("Outliers (given; best class similarity)", self.outliers,
                      lambda i: f"{names[self.labels[i]]}; {self.outlier_scores[i]:.3f}"))
-        for title, indices, describe in sections:
-            if len(indices):
-                lines += ["", f"{title}: {len(indices)}"]
-                lines += [f"  {self.files[i]}: {describe(i)}" for i in indices[:limit]]
-                if len(indices) > limit:
-                    lines.append(f"  ... {len(indices) - limit} more in audit.csv")
-        if self.skipped:
-            lines += ["", f"Skipped {len(self.skipped)} file(s) that could not be decoded:"]
-            lines += [f"  {path}: {reason}" for path, reason in self.skipped]
-        return "\n".join(lines)
+        return "\n".join(lines + _listed_sections(self.files, sections, self.skipped, limit))
 
     def caption(self, i):
         """The thumbnail caption of image `i`: "given -> suggested (p(given))", the two
@@ -845,16 +852,7 @@ class MultiLabelAuditReport:
                                  for j, given, c in by_image[i]) + ")"),
                     ("Outliers (given; best label similarity)", self.outliers,
                      lambda i: f"{self.names(self.labels[i])}; {self.outlier_scores[i]:.3f}"))
-        for title, indices, describe in sections:
-            if len(indices):
-                lines += ["", f"{title}: {len(indices)}"]
-                lines += [f"  {self.files[i]}: {describe(i)}" for i in indices[:limit]]
-                if len(indices) > limit:
-                    lines.append(f"  ... {len(indices) - limit} more in audit.csv")
-        if self.skipped:
-            lines += ["", f"Skipped {len(self.skipped)} file(s) that could not be decoded:"]
-            lines += [f"  {path}: {reason}" for path, reason in self.skipped]
-        return "\n".join(lines)
+        return "\n".join(lines + _listed_sections(self.files, sections, self.skipped, limit))
 
     def caption(self, i):
         """The thumbnail caption of image `i`: "given a;b -> a;c", or an outlier's score."""
