@@ -34,7 +34,7 @@ from tlkit.images import load_image
 from tlkit.models import predict_probabilities
 from tlkit.plots import plot_thumbnails
 from tlkit.predict import Classifier, load
-from tlkit.validation import check_number
+from tlkit.validation import check_number, check_thresholds
 
 CALIBRATION_BINS = 15
 """Equal-width confidence bins of the expected calibration error and reliability diagram."""
@@ -255,7 +255,8 @@ def compute_multi_label_metrics(y_true, probabilities, class_names, thresholds=N
     (0.5, 0.5)
     """
     present, probabilities = _check_multi_label_inputs(y_true, probabilities, class_names)
-    thresholds = _check_thresholds(thresholds, len(class_names))
+    thresholds = ([DEFAULT_THRESHOLD] * len(class_names) if thresholds is None
+                  else check_thresholds(thresholds, len(class_names)))
     predicted = probabilities >= np.asarray(thresholds, np.float32)[None, :]
     hits = (predicted & present).sum(axis=0).astype(np.float64)
     support, predicted_count = present.sum(axis=0), predicted.sum(axis=0)
@@ -308,16 +309,6 @@ def _check_multi_label_inputs(y_true, probabilities, class_names):
             f"least one row. Received: y_true.shape={y_true.shape}, "
             f"probabilities.shape={probabilities.shape}")
     return y_true > 0.5, probabilities
-
-
-def _check_thresholds(thresholds, num_classes):
-    if thresholds is None:
-        return [DEFAULT_THRESHOLD] * num_classes
-    values = np.asarray(thresholds, np.float64)
-    if values.shape != (num_classes,) or not np.all((values >= 0) & (values <= 1)):
-        raise ConfigError(f"`thresholds` must hold one value in [0, 1] per class "
-                          f"({num_classes}). Received: thresholds={list(thresholds)!r}")
-    return [float(np.float32(v)) for v in values]
 
 
 def _check_metric_inputs(y_true, probabilities, class_names, top_k):

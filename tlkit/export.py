@@ -49,6 +49,7 @@ from tlkit.errors import ConfigError, ExportError
 from tlkit.gradcam import make_gradcam
 from tlkit.images import DEFAULT_MAX_PIXELS, decode_bytes, resize_image
 from tlkit.runtime import __version__
+from tlkit.validation import check_thresholds
 
 METADATA_FILE = "tlkit.json"
 LABELS_FILE = "labels.txt"
@@ -142,15 +143,15 @@ def export_classifier(model, class_names, export_dir, name, *, image_size, resiz
 
 def _check_thresholds(thresholds, class_names):
     """`thresholds` as float32-exact floats, one in [0, 1] per class, or `ExportError`."""
-    values = np.asarray(thresholds, np.float32)
-    if values.shape != (len(class_names),) or not np.all((values >= 0) & (values <= 1)):
-        raise ExportError(f"`thresholds` must hold one value in [0, 1] per class "
-                          f"({len(class_names)}). Received: thresholds={list(thresholds)!r}")
+    try:
+        values = check_thresholds(thresholds, len(class_names))
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     separated = [c for c in class_names if ";" in c]
     if separated:
         raise ExportError(f"A multi-label export joins its labels with ';', so a class name "
                           f"cannot hold one. Received: class names {separated}")
-    return [float(v) for v in values]
+    return values
 
 
 def _check_calibration_images(images, image_size):

@@ -53,3 +53,22 @@ def check_number(name, value, low, high=math.inf, *, integer=False, low_open=Fal
             span += f" and <= {high}"
         what = "an integer" if integer else "a number"
         raise ConfigError(f"`{name}` must be {what} {span}. Received: {name}={value!r}")
+
+
+def check_thresholds(thresholds, num_classes):
+    """Checks a multi-label model's decision thresholds: one value in [0, 1] per class.
+
+    Returns:
+        The thresholds as float32-exact Python floats (as a graph holds them).
+
+    Raises:
+        ConfigError: "`thresholds` must hold one value in [0, 1] per class (n). Received:
+            thresholds=[...]".
+    """
+    import numpy as np  # here: the other checks, and config.py, need no numpy
+
+    values = np.asarray(thresholds, np.float64)
+    if values.shape != (num_classes,) or not np.all((values >= 0) & (values <= 1)):
+        raise ConfigError(f"`thresholds` must hold one value in [0, 1] per class "
+                          f"({num_classes}). Received: thresholds={list(thresholds)!r}")
+    return [float(np.float32(v)) for v in values]
