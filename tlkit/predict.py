@@ -127,6 +127,7 @@ class Classifier:
         top_k = min(top_k, len(self.class_names))
         files = expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
         results = [Prediction(str(f)) for f in files]
+        thresholds = np.asarray(self.thresholds, np.float32) if self.multi_label else None
 
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             for start in range(0, len(files), batch_size):
@@ -140,7 +141,7 @@ class Classifier:
                     result.labels = [self.class_names[j] for j in order[:top_k]]
                     result.probabilities = [float(row[j]) for j in order[:top_k]]
                     if self.multi_label:
-                        above = row >= np.asarray(self.thresholds, np.float32)
+                        above = row >= thresholds
                         result.predicted = [[self.class_names[j], float(row[j])]
                                             for j in order if above[j]]
         return results
