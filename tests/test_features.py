@@ -230,3 +230,22 @@ def test_openvino_engine_is_checked_against_tensorflow_float32(tmp_path):
     # Features cached by one engine are not taken for another's.
     again = split_features(model, split, split.digests, cache, SETTINGS, verbose=0)
     assert again.from_cache == (engine.name == "tensorflow")
+
+
+def test_openvino_below_the_least_cosine_is_refused_for_tensorflow_float32():
+    from tlkit.features import FeatureEngine
+
+    model = build_classifier("resnet50", 2, 32, weights="none")
+    split = make_split(count=40)
+    engine = FeatureEngine(model, "openvino", min_cosine=1.0)  # bfloat16 is never exact
+    if engine.candidates() == [("tensorflow", "float32")]:
+        pytest.skip("OpenVINO's CPU plugin has no BF16 on this machine")
+    computed = split_features(model, split, split.digests, None, SETTINGS, verbose=0,
+                              engine=engine)
+    assert engine.check["engine"] == "openvino" and engine.check["cosine"] < 1.0, engine.check
+    assert (engine.name, engine.precision) == ("tensorflow", "float32")
+    reference = split_features(model, split, split.digests, None, SETTINGS, verbose=0)
+    np.testing.assert_array_equal(computed.features, reference.features)
+    with pytest.raises(tlkit.TlkitError, match=r"min_cosine.*Received: min_cosine=2"):
+        FeatureEngine(model, min_cosine=2)
+

@@ -44,6 +44,7 @@ import tensorflow as tf
 from tlkit.data import default_cache_dir
 from tlkit.errors import ConfigError
 from tlkit.files import write_atomically
+from tlkit.validation import check_number
 
 FORMAT = 1
 DEFAULT_MAX_BYTES = 5 * 1024**3
@@ -59,10 +60,32 @@ on every image of the sample, for the candidate to be used."""
 ENGINE_SAMPLE = 32
 """Images the candidate engine is checked and timed on."""
 
-ENGINE_MIN_SECONDS = 30.0
+ENGINE_MIN_SECONDS = {"amx": 8.0, "other": 30.0}
 """`auto` tries OpenVINO only when TensorFlow float32 would take at least this long for the
-features to compute (estimated on the sample): converting the model takes seconds (5 s for
-ResNet50 on 2 cores), which a shorter job does not win back."""
+features to compute (estimated on the sample), by whether the CPU has AMX (`amx_bf16` in
+/proc/cpuinfo's flags): converting and checking the model costs seconds, which a shorter job
+does not win back. Measured (`benchmarks/feature_engine.py`, ResNet50, 2 cores): with AMX,
+OpenVINO bfloat16 is 5.6-6x TensorFlow float32 and the set-up about 5 s, so a job of 8 s of
+TensorFlow work already runs about 1.5x faster; without AMX (AVX512_BF16 only) it was 1.4x
+and the conversion 5 s, so only a job of about 30 s gains."""
+
+
+def engine_min_seconds():
+    """`ENGINE_MIN_SECONDS` for this machine's CPU."""
+    return ENGINE_MIN_SECONDS["amx" if "amx_bf16" in cpu_flags() else "other"]
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an empty set where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
 
 ACTIVATIONS_MAX_BYTES = 1024**3
 """Most bytes of cached activations an unfreezing stage holds in memory (training and
@@ -200,6 +223,8 @@ class FeatureEngine:
             the same way, TensorFlow float32 when the check fails).
         verbose: print the choice and its measurements.
         cut: what it computes: see `feature_extractor`.
+        min_cosine: least cosine similarity between a candidate's features and TensorFlow
+            float32's, on every image of the sample, for the candidate to be used.
 
     Attributes (set by `choose`): `name` and `precision` of the engine in use, and `check`,
     a dict of the sample's measurements (None when there was no candidate to measure):
@@ -207,9 +232,11 @@ class FeatureEngine:
     `cosine` (the least over the sample) and `images_per_second`, or `error`.
     """
 
-    def __init__(self, model, engine="auto", verbose=0, cut=None):
+    def __init__(self, model, engine="auto", verbose=0, cut=None, min_cosine=ENGINE_MIN_COSINE):
         if engine not in ENGINES:
             raise ConfigError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
+        check_number("min_cosine", min_cosine, -1.0, 1.0)
+        self.min_cosine = float(min_cosine)
         self.extractor = feature_extractor(model, cut)
         self.requested = engine
         self.verbose = verbose
@@ -240,7 +267,7 @@ class FeatureEngine:
         reference, tensorflow_seconds = _timed_twice(self._run_tensorflow, sample)
         self.check = {"tensorflow_images_per_second": len(sample) / tensorflow_seconds}
         if self.requested == "auto" and \
-                tensorflow_seconds / len(sample) * count < ENGINE_MIN_SECONDS:
+                tensorflow_seconds / len(sample) * count < engine_min_seconds():
             return
         try:
             candidate = _openvino_forward(self.extractor, sample.shape[1:])
@@ -251,7 +278,7 @@ class FeatureEngine:
         cosine = float(np.min(_cosines(features, reference)))
         self.check.update(engine="openvino", precision="bfloat16", cosine=cosine,
                           images_per_second=len(sample) / candidate_seconds)
-        if cosine >= ENGINE_MIN_COSINE and candidate_seconds < tensorflow_seconds:
+        if cosine >= self.min_cosine and candidate_seconds < tensorflow_seconds:
             self.name, self.precision, self._forward = "openvino", "bfloat16", candidate
         if self.verbose:
             print(f"[features] {self.name} {self.precision}: OpenVINO bfloat16 "
