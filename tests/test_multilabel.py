@@ -144,6 +144,50 @@ def test_same_image_in_two_class_folders_is_one_image_with_both_labels(tmp_path)
         single.close()
 
 
+
+def test_doctor_reads_multi_label_data_as_fit_does(tmp_path):
+    from tlkit.doctor import diagnose
+
+    labels_file, _ = write_label_data(tmp_path / "photos")
+    shutil.copy(tmp_path / "photos" / "img" / "000.png", tmp_path / "photos" / "img" / "dup.png")
+    with open(labels_file, "a") as f:
+        f.write("img/dup.png,b\n")  # image 000 (label a) again, labelled b: one image, a;b
+    report = diagnose(tmp_path / "photos", labels=str(labels_file), multi_label=True,
+                      verbose=0)
+    data = tdata.load_image_data(data_config(tmp_path / "photos", labels=str(labels_file)))
+    try:
+        for name, split in data.splits.items():
+            assert sorted(report.splits[name]) == sorted(split.files), name
+        counts = sum(split.labels.sum(axis=0) for split in data.splits.values())
+    finally:
+        data.close()
+    assert report.class_counts == {"a": 25, "b": 26, "c": 16} == dict(
+        zip(LABELS, counts.astype(int).tolist()))
+    assert report.multi_label and report.to_dict()["multi_label"] is True
+    merged = [f for f in report.findings if f.code == "merged_copy"]
+    assert [(Path(f.path).name, [Path(r).name for r in f.related]) for f in merged] == [
+        ("dup.png", ["000.png"])]
+    assert merged[0].severity == "info"
+    assert not [f for f in report.findings if "duplicate" in f.code]
+    table = report.to_table()
+    assert table.splitlines()[2].split()[0] == "label" and "merges them" in table
+    # Read as single labels, the `a;b` cells are labels of their own and the copy a clash.
+    single = diagnose(tmp_path / "photos", labels=str(labels_file), verbose=0)
+    assert "a;b" in single.class_names
+    assert [f.code for f in single.findings if "duplicate" in f.code] == [
+        "cross_class_duplicate"]
+
+
+def test_doctor_command_takes_multi_label(tmp_path):
+    labels_file, _ = write_label_data(tmp_path / "photos")
+    result = CliRunner().invoke(main, ["doctor", str(tmp_path / "photos"), "--labels",
+                                       str(labels_file), "--multi-label", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["multi_label"] is True and report["class_names"] == list(LABELS)
+    assert report["class_counts"] == {"a": 25, "b": 25, "c": 16}
+
+
 # --- Splitting -----------------------------------------------------------------------------
 
 

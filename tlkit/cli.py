@@ -361,6 +361,7 @@ _PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @_setting_option("labels")
+@_setting_option("multi_label", with_default=True)
 @_setting_option("val_split", with_default=True)
 @_setting_option("test_split", with_default=True)
 @_setting_option("seed", with_default=True)
@@ -372,8 +373,8 @@ _PRINTERS = {"table": _print_table, "json": _print_json, "csv": _print_csv}
               help="Move every file fit would skip into this folder (never deletes).")
 @format_option(["table", "json"])
 @_user_errors
-def doctor(data_dir, labels, val_split, test_split, seed, min_size, no_near_duplicates,
-           quarantine_dir, output_format):
+def doctor(data_dir, labels, multi_label, val_split, test_split, seed, min_size,
+           no_near_duplicates, quarantine_dir, output_format):
     """Check every image of DATA_DIR before training: what is broken, odd or leaking.
 
     Decodes every file in parallel and reports per file: unreadable, empty, truncated, not
@@ -388,12 +389,13 @@ def doctor(data_dir, labels, val_split, test_split, seed, min_size, no_near_dupl
       tlkit doctor data/digits --min-size 8
       tlkit doctor ./photos --quarantine ./photos_rejected --format json
       tlkit doctor ./photos --labels ./photos/labels.csv
+      tlkit doctor ./photos --labels ./photos/labels.csv --multi-label
     """
     from tlkit.doctor import diagnose, quarantine
 
     verbose = 0 if output_format == "json" else 1
-    report = diagnose(data_dir, labels=labels, val_split=val_split, test_split=test_split,
-                      seed=seed,
+    report = diagnose(data_dir, labels=labels, multi_label=multi_label, val_split=val_split,
+                      test_split=test_split, seed=seed,
                       min_size=min_size, near_duplicates=not no_near_duplicates,
                       verbose=verbose)
     moved = quarantine(report, quarantine_dir) if quarantine_dir else []

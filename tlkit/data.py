@@ -942,7 +942,8 @@ def merge_copies(scan, decoded):
 
     Args:
         scan: a `FolderScan` (its `label_matrix()` and `files`).
-        decoded: the `DecodedImages` of `scan.files` (their `ok` and `digests`).
+        decoded: the `DecodedImages` of `scan.files`, or anything with their `ok` (a bool
+            array, changed in place) and `digests` (as `tlkit.doctor.diagnose` passes).
 
     Returns:
         `(labels, ignored, note)`: the multi-hot float32 matrix `(files, classes)` (a merged

@@ -22,13 +22,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
 from tlkit import images as image_ops
 from tlkit.config import DataConfig, FitConfig
-from tlkit.data import SPLITS, scan_data, split_usable
+from tlkit.data import SPLITS, merge_copies, scan_data, split_usable
 from tlkit.errors import ConfigError, ImageError
 from tlkit.validation import check_choice, check_number
 
@@ -54,6 +55,7 @@ CODES = {
     "multi_page": "info",  # first page used
     "converted_mode": "info",  # CMYK, 16-bit, palette or alpha converted to 8-bit RGB
     "exif_rotated": "info",  # EXIF orientation applied
+    "merged_copy": "info",  # multi-label: a copy whose labels join its original's
 }
 """Every finding code, with its severity, in the order reports list them."""
 
@@ -113,7 +115,7 @@ class DoctorReport:
     data_dir: str  # the scanned folder
     class_names: tuple  # class names in label order
     files: tuple  # every image file the scan found, in scan order
-    labels: tuple  # class index of each file
+    labels: tuple  # class index of each file; multi-label: a tuple of class indices
     class_counts: dict  # class name -> usable images (those fit trains and validates on)
     splits: dict  # split name -> files fit puts there (usable files only)
     findings: list  # `Finding`s: errors, then warnings, then info; by code, then path
@@ -121,6 +123,7 @@ class DoctorReport:
     settings: dict  # the split and check settings the report was made with
     labels_file: str | None = None  # the label file scanned, or None for class subfolders
     fixed_split: bool = False  # the label file's split column made the split
+    multi_label: bool = False  # files may have several labels (counts are per label)
 
     @property
     def errors(self):
@@ -140,6 +143,7 @@ class DoctorReport:
             "data_dir": self.data_dir,
             "labels_file": self.labels_file,
             "fixed_split": self.fixed_split,
+            "multi_label": self.multi_label,
             "settings": dict(self.settings),
             "class_names": list(self.class_names),
             "class_counts": dict(self.class_counts),
@@ -182,13 +186,18 @@ class DoctorReport:
     def _class_table(self):
         names = [n for n in SPLITS if n != "test" or self.splits.get("test")
                  or (self.settings["test_split"] > 0 and not self.fixed_split)]
-        label_of = dict(zip(self.files, self.labels))
-        found = Counter(self.labels)
-        failed = Counter(label_of[f.path] for f in self.errors)
-        in_split = {n: Counter(label_of[p] for p in self.splits[n]) for n in names}
-        width = max(len("class"), *(len(c) for c in self.class_names))
+        labels_of = dict(zip(self.files, (_label_set(labels, self.multi_label)
+                                          for labels in self.labels)))
+
+        def count(paths):
+            return Counter(label for path in paths for label in labels_of[path])
+
+        found, failed = count(self.files), count(f.path for f in self.errors)
+        in_split = {n: count(self.splits[n]) for n in names}
+        first = "label" if self.multi_label else "class"
+        width = max(len(first), *(len(c) for c in self.class_names))
         header = ["files", "errors", *names]
-        lines = ["  ".join([f"{'class':<{width}}", *(f"{h:>6}" for h in header)])]
+        lines = ["  ".join([f"{first:<{width}}", *(f"{h:>6}" for h in header)])]
         for label, name in enumerate(self.class_names):
             cells = [found[label], failed[label], *(in_split[n][label] for n in names)]
             lines.append("  ".join([f"{name:<{width}}", *(f"{c:>6}" for c in cells)]))
@@ -197,10 +206,15 @@ class DoctorReport:
         return lines
 
 
+def _label_set(labels, multi_label):
+    """The class indices of one file's `DoctorReport.labels` entry."""
+    return tuple(labels) if multi_label else (labels,)
+
+
 def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.test_split,
              seed=FitConfig.seed, workers=DataConfig.workers,
              max_pixels=image_ops.DEFAULT_MAX_PIXELS, min_size=16, near_duplicates=True,
-             verbose=1, labels=None):
+             verbose=1, labels=None, multi_label=DataConfig.multi_label):
     """Checks every image file of a data folder the way `tlkit fit` would read it.
 
     Every file found by `tlkit.data.scan_data` is read and decoded once, in parallel,
@@ -226,6 +240,12 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
         labels: a label file instead of class subfolders (`tlkit.data.scan_labels`); a
             `split` column in it is the split (then `val_split`, `test_split` and `seed`
             are not used), as in fit.
+        multi_label: read the data as `fit(multi_label=True)` does: a label file's cells
+            are `;`-separated label lists, and the files of one content (the same image in
+            several class folders or rows) are one image with the labels of every copy
+            (`tlkit.data.merge_copies`; each merged copy is an info finding, not a
+            cross-class duplicate); counts are images per label, the split is fit's
+            multi-label split.
 
     Returns:
         A `DoctorReport`.
@@ -242,29 +262,47 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
     []
     """
     config = DataConfig(data_dir, labels=labels, val_split=val_split, test_split=test_split,
-                        workers=workers)  # the split settings, validated as fit does
+                        workers=workers, multi_label=multi_label)  # validated as fit does
     check_number("seed", seed, 0, 2**31 - 1, integer=True)
     check_number("max_pixels", max_pixels, 1, integer=True)
     check_number("min_size", min_size, 0, integer=True)
     check_choice("near_duplicates", near_duplicates, (True, False))
     check_choice("verbose", verbose, (0, 1, 2))
 
-    scan = scan_data(config.data_dir, config.labels)
+    scan = scan_data(config.data_dir, config.labels, multi_label=config.multi_label)
     checks = _check_files(scan.files, max_pixels, min_size, near_duplicates, config.workers,
                           verbose)
-    labels = np.asarray(scan.labels, np.int64)
-    usable = np.flatnonzero([check.usable for check in checks])
-    split_of = _fit_split(labels, usable, [check.digest for check in checks],
-                          config.val_split, config.test_split, seed, scan.splits)
-
+    digests = [check.digest for check in checks]
     findings = [_finding(path, code, message) for path, check in zip(scan.files, checks)
                 for code, message in check.notes]
-    duplicates, originals = _duplicate_findings(scan, usable, checks)
-    findings += duplicates
+    if config.multi_label:
+        ok = np.array([check.usable for check in checks], bool)
+        labels, merged, _ = merge_copies(scan, SimpleNamespace(ok=ok, digests=digests))
+        usable = np.flatnonzero(ok)  # without the merged copies
+        index_of = {path: i for i, path in enumerate(scan.files)}
+        first_of = {digests[i]: i for i in reversed(usable)}
+        for path, _ in merged:
+            original = scan.files[first_of[digests[index_of[path]]]]
+            findings.append(_finding(path, "merged_copy", (
+                f"the same image as {original}: fit merges them into one image with the "
+                "labels of both"), [original]))
+        originals = list(usable)
+        report_labels = tuple(tuple(int(i) for i in np.flatnonzero(row > 0.5))
+                              for row in labels)
+        class_counts = dict(zip(scan.class_names,
+                                (int(n) for n in (labels[usable] > 0.5).sum(axis=0))))
+    else:
+        labels = np.asarray(scan.labels, np.int64)
+        usable = np.flatnonzero([check.usable for check in checks])
+        duplicates, originals = _duplicate_findings(scan, usable, checks)
+        findings += duplicates
+        report_labels = scan.labels
+        class_counts = {name: int(np.sum(labels[usable] == label))
+                        for label, name in enumerate(scan.class_names)}
+    split_of = _fit_split(labels, usable, digests, config.val_split, config.test_split, seed,
+                          scan.splits)
     if near_duplicates:
         findings += _near_duplicate_findings(scan, originals, checks, split_of)
-    class_counts = {name: int(np.sum(labels[usable] == label))
-                    for label, name in enumerate(scan.class_names)}
     findings += _imbalance_findings(scan.root, class_counts)
     order = list(CODES)
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), order.index(f.code), f.path))
@@ -275,9 +313,9 @@ def diagnose(data_dir, val_split=DataConfig.val_split, test_split=DataConfig.tes
                 "max_pixels": max_pixels, "min_size": min_size,
                 "near_duplicates": near_duplicates,
                 "near_duplicate_bits": NEAR_DUPLICATE_BITS if near_duplicates else None}
-    return DoctorReport(scan.root, scan.class_names, scan.files, scan.labels, class_counts,
+    return DoctorReport(scan.root, scan.class_names, scan.files, report_labels, class_counts,
                         splits, findings, scan.ignored, settings, scan.labels_file,
-                        scan.splits is not None)
+                        scan.splits is not None, config.multi_label)
 
 
 def quarantine(report, dest_dir):
