@@ -73,7 +73,7 @@ def test_sigkill_during_epoch_2_then_resume_matches_an_uninterrupted_run(folder,
     metrics = ("loss", "accuracy", "val_loss", "val_accuracy")
     assert [h[k] for h in history for k in metrics] == pytest.approx(
         [h[k] for h in ref_history for k in metrics], rel=1e-5)
-    assert not (run / STATE_FILE).exists()  # cleared once the run finished
+    assert not list(run.glob("state*"))  # cleared once the run finished, bases too
     export = resumed.stdout.strip().splitlines()[-1]
     assert tlkit.load(tmp_path / export).class_names == ["a", "b"]
 
@@ -101,7 +101,7 @@ def test_ctrl_c_in_stage_2_then_resume_finishes_the_schedule(folder, tmp_path):
         ("head", 1), ("head", 2), ("block2", 1), ("block2", 2), ("block2", 3)]
     schedule = json.loads((run / "schedule.json").read_text())
     assert [s["stage"] for s in schedule] == ["head", "block2"]
-    assert not (run / STATE_FILE).exists()
+    assert not list(run.glob("state*"))
     with pytest.raises(ConfigError, match="already finished"):
         tlkit.fit(resume=run)
     with pytest.raises(ConfigError, match="only `verbose`"):
@@ -130,11 +130,61 @@ def test_state_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(state.stage.best_weights[0], np.arange(4.0))
     np.testing.assert_array_equal(state.current_weights[0], np.ones(3))
     np.testing.assert_array_equal(state.rollback_weights[0], np.zeros(2))
-    saved = [np.array(v) for v in optimizer.variables]
+    saved = [v.numpy() for v in optimizer.variables]
     assert len(state.stage.optimizer_state) == len(saved)
     for a, b in zip(state.stage.optimizer_state, saved):
         np.testing.assert_array_equal(a, b)
     assert state.epochs_done == 4
+
+
+
+def test_state_writer_writes_unchanged_weights_once_and_states_load_exactly(tmp_path):
+    from tlkit.checkpoint import BASE_PREFIX, PREVIOUS_STATE_FILE, RunState, StateWriter
+    from tlkit.schedule import StageProgress
+
+    rng = np.random.default_rng(0)
+    frozen = rng.normal(size=(256, 256)).astype("float32")  # 256 kB: the "backbone"
+
+    def weights(head):
+        return [frozen, np.full(4, head, "float32")]
+
+    def state(head, best_head, rollback_head=None):
+        progress = StageProgress(epoch=1, best_weights=weights(best_head))
+        rollback = weights(rollback_head) if rollback_head is not None else None
+        return RunState(0, [], 0.5, rollback, progress, weights(head))
+
+    def check(loaded, expected):
+        for got, want in zip((loaded.current_weights, loaded.stage.best_weights,
+                              loaded.rollback_weights),
+                             (expected.current_weights, expected.stage.best_weights,
+                              expected.rollback_weights)):
+            assert (got is None) == (want is None)
+            for a, b in zip(got or [], want or []):
+                np.testing.assert_array_equal(a, b)
+
+    writer = StateWriter(tmp_path, keep_previous=True)
+    first = state(1.0, 1.0)
+    writer.save(first)
+    bases = sorted(p.name for p in tmp_path.glob(f"{BASE_PREFIX}*"))
+    assert bases == [f"{BASE_PREFIX}1.npz"]
+    check(load_state(tmp_path), first)
+    second = state(2.0, 1.0, rollback_head=3.0)  # the head trained on; the backbone did not
+    writer.save(second)
+    assert sorted(p.name for p in tmp_path.glob(f"{BASE_PREFIX}*")) == bases
+    assert (tmp_path / STATE_FILE).stat().st_size < frozen.nbytes / 4  # the head only
+    check(load_state(tmp_path), second)
+    check(load_state(tmp_path, previous=True), first)
+
+    frozen = rng.normal(size=(256, 256)).astype("float32")  # a stage changed the backbone
+    third = state(4.0, 4.0)
+    writer.save(third)
+    check(load_state(tmp_path), third)
+    check(load_state(tmp_path, previous=True), second)  # its base is kept for it
+    assert len(list(tmp_path.glob(f"{BASE_PREFIX}*"))) == 2
+    writer.save(third)
+    assert [p.name for p in tmp_path.glob(f"{BASE_PREFIX}*")] == [f"{BASE_PREFIX}2.npz"]
+    check(load_state(tmp_path, previous=True), third)
+    assert (tmp_path / PREVIOUS_STATE_FILE).exists()
 
 
 def test_run_folder_json_is_replaced_whole_never_rewritten_in_place(tmp_path):

@@ -26,6 +26,7 @@ from tlkit.schedule import StageProgress, StageResult
 
 STATE_FILE = "state.npz"
 PREVIOUS_STATE_FILE = "state.previous.npz"
+BASE_PREFIX = "state.base-"  # `StateWriter`'s files of weights written once
 _GROUPS = ("current", "rollback", "stage_best", "optimizer")
 
 
@@ -46,29 +47,106 @@ class RunState:
         return sum(len(r.history) for r in self.finished) + self.stage.epoch
 
 
+class StateWriter:
+    """Saves a run's state after every epoch, writing unchanged weights only once.
+
+    The weights of a state (the current ones, the stage's best, the ones to roll back to)
+    are mostly the same arrays: while a stage trains the head, the backbone's tens of
+    megabytes never change. The writer keeps a base, the current weights written once to
+    `state.base-<n>.npz`; each `state.npz` stores only the arrays that differ from it, and
+    names its base. A new base is written when less than half of the weights' bytes still
+    match the old one (a stage unfroze more). Files are written atomically, the base before
+    the state that names it, so a kill at any moment leaves a readable state; bases no state
+    names are removed.
+
+    Args:
+        folder: the run folder (or a worker's folder).
+        keep_previous: before each save, keep the state saved before as `state.previous.npz`.
+    """
+
+    def __init__(self, folder, keep_previous=False):
+        self.folder = Path(folder)
+        self.keep_previous = keep_previous
+        self._base_name, self._base = None, None
+
+    def save(self, state):
+        """Writes `state` (a `RunState`) to `<folder>/state.npz`."""
+        folder = self.folder
+        meta = {"stage_index": state.stage_index, "best": state.best,
+                "finished": [dataclasses.asdict(r) for r in state.finished],
+                "stage": state.stage.to_dict()}
+        optimizer = state.stage.optimizer
+        optimizer_state = ([v.numpy() for v in optimizer.variables] if optimizer is not None
+                           else state.stage.optimizer_state)
+        groups = dict(zip(_GROUPS, (state.current_weights, state.rollback_weights,
+                                    state.stage.best_weights, optimizer_state)))
+        if state.current_weights and not self._base_fits(state.current_weights):
+            self._write_base(state.current_weights)
+        arrays, from_base = {}, {}
+        for group, values in groups.items():
+            for index, value in enumerate(values or []):
+                value = np.asarray(value)
+                if group != "optimizer" and self._in_base(index, value):
+                    from_base.setdefault(group, []).append(index)
+                else:
+                    arrays[f"{group}/{index}"] = value
+        meta.update(base=self._base_name if from_base else None, from_base=from_base,
+                    sizes={g: len(v or []) for g, v in groups.items()})
+        arrays["meta"] = np.array(json.dumps(meta))
+        if self.keep_previous and (folder / STATE_FILE).exists():
+            os.replace(folder / STATE_FILE, folder / PREVIOUS_STATE_FILE)
+        write_atomically(folder / STATE_FILE, lambda f: np.savez(f, **arrays))
+        self._remove_unused_bases()
+
+    def _in_base(self, index, value):
+        base = self._base
+        return (base is not None and index < len(base) and base[index].shape == value.shape
+                and base[index].dtype == value.dtype and np.array_equal(base[index], value))
+
+    def _base_fits(self, weights):
+        if self._base is None or len(self._base) != len(weights):
+            return False
+        same = sum(np.asarray(w).nbytes for i, w in enumerate(weights)
+                   if self._in_base(i, np.asarray(w)))
+        return 2 * same >= sum(np.asarray(w).nbytes for w in weights)
+
+    def _write_base(self, weights):
+        taken = {p.name for p in self.folder.glob(f"{BASE_PREFIX}*.npz")}
+        number = 1
+        while f"{BASE_PREFIX}{number}.npz" in taken:
+            number += 1
+        name = f"{BASE_PREFIX}{number}.npz"
+        base = [np.array(w) for w in weights]  # a copy: the caller's arrays may change
+        write_atomically(self.folder / name, lambda f: np.savez(
+            f, **{str(i): a for i, a in enumerate(base)}))
+        self._base_name, self._base = name, base
+
+    def _remove_unused_bases(self):
+        used = {_base_of(self.folder / name) for name in (STATE_FILE, PREVIOUS_STATE_FILE)}
+        for path in self.folder.glob(f"{BASE_PREFIX}*.npz"):
+            if path.name not in used:
+                path.unlink(missing_ok=True)
+
+
+def _base_of(path):
+    """The base file a saved state names, or None."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return json.loads(str(saved["meta"])).get("base")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def save_state(folder, state, keep_previous=False):
-    """Writes `state` to `<folder>/state.npz` atomically (temporary file, then rename).
+    """Writes `state` to `<folder>/state.npz` atomically (temporary file, then rename); a
+    one-off `StateWriter` (the weights the state's groups share are written once).
 
     Args:
         folder: the run folder (or a worker's folder).
         state: a `RunState`.
         keep_previous: first rename the state saved before to `state.previous.npz`.
     """
-    folder = Path(folder)
-    meta = {"stage_index": state.stage_index, "best": state.best,
-            "finished": [dataclasses.asdict(r) for r in state.finished],
-            "stage": state.stage.to_dict()}
-    arrays = {"meta": np.array(json.dumps(meta))}
-    optimizer = state.stage.optimizer
-    optimizer_state = ([v.numpy() for v in optimizer.variables] if optimizer is not None
-                       else state.stage.optimizer_state)
-    for group, values in zip(_GROUPS, (state.current_weights, state.rollback_weights,
-                                       state.stage.best_weights, optimizer_state)):
-        for index, value in enumerate(values or []):
-            arrays[f"{group}/{index}"] = np.asarray(value)
-    if keep_previous and (folder / STATE_FILE).exists():
-        os.replace(folder / STATE_FILE, folder / PREVIOUS_STATE_FILE)
-    write_atomically(folder / STATE_FILE, lambda f: np.savez(f, **arrays))
+    StateWriter(folder, keep_previous).save(state)
 
 
 def load_state(folder, previous=False):
@@ -87,15 +165,20 @@ def load_state(folder, previous=False):
     try:
         with np.load(path, allow_pickle=False) as saved:
             meta = json.loads(str(saved["meta"]))
-            groups = {g: [] for g in _GROUPS}
+            groups = {g: {} for g in _GROUPS}
             for key in saved.files:
                 if "/" in key:
                     group, index = key.split("/")
-                    groups[group].append((int(index), saved[key]))
+                    groups[group][int(index)] = saved[key]
+        if meta.get("base"):
+            with np.load(path.parent / meta["base"], allow_pickle=False) as base:
+                for group, indices in meta["from_base"].items():
+                    for index in indices:
+                        groups[group][index] = base[str(index)]
+        sizes = meta.get("sizes") or {g: len(v) for g, v in groups.items()}
+        arrays = {g: [groups[g][i] for i in range(sizes[g])] or None for g in _GROUPS}
     except (OSError, ValueError, KeyError) as e:
         raise TlkitError(f"Cannot read the saved run state {str(path)!r}: {e}") from None
-    arrays = {g: [a for _, a in sorted(v, key=lambda item: item[0])] or None
-              for g, v in groups.items()}
     stage = StageProgress(**meta["stage"], best_weights=arrays["stage_best"],
                           optimizer_state=arrays["optimizer"])
     return RunState(meta["stage_index"], [StageResult(**r) for r in meta["finished"]],
@@ -103,6 +186,8 @@ def load_state(folder, previous=False):
 
 
 def clear_state(folder):
-    """Removes the saved state of a finished run."""
+    """Removes the saved state of a finished run (its base files too)."""
     for name in (STATE_FILE, PREVIOUS_STATE_FILE):
         (Path(folder) / name).unlink(missing_ok=True)
+    for path in Path(folder).glob(f"{BASE_PREFIX}*.npz"):
+        path.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit.checkpoint import RunState, save_state
+from tlkit.checkpoint import RunState, StateWriter
 from tlkit.errors import ConfigError
 from tlkit.models import traced_function
 from tlkit.schedule import ALL, HEAD, StageProgress, StageResult
@@ -493,11 +493,13 @@ def run_schedule(model, groups, stages, train_ds, val_ds, settings=None, callbac
     else:
         results, best, best_weights = [], math.inf, None
 
+    writer = (StateWriter(settings.checkpoint_dir, settings.keep_previous_state)
+              if settings.checkpoint_dir is not None else None)
+
     def save(index, progress):
-        if settings.checkpoint_dir is not None:
-            save_state(settings.checkpoint_dir, RunState(index, results, best, best_weights,
-                                                         progress, model.get_weights()),
-                       settings.keep_previous_state)
+        if writer is not None:
+            writer.save(RunState(index, results, best, best_weights, progress,
+                                 model.get_weights()))
         if progress.history:
             done = sum(len(r.history) for r in results)
             callbacks.on_epoch_end({**progress.history[-1], "stage_index": index,
