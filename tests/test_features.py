@@ -1,6 +1,9 @@
 """Cached backbone features: the same head as the full model, and a cache that knows when
 it is stale."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -149,6 +152,52 @@ def test_fit_uses_cached_features_for_the_head_stage_and_reuses_them(image_folde
     np.testing.assert_allclose(classifier.predict_arrays(images),
                                a.model.predict(images.astype("float32"), verbose=0), atol=1e-5)
     assert b.export_path != a.export_path
+
+
+
+
+def test_head_only_fit_evaluates_validation_on_its_features_like_the_full_model(
+        image_folder, tmp_path, monkeypatch):
+    import csv
+
+    import tlkit.api
+    from tlkit.models import build_backbone, predict_probabilities
+
+    folder = image_folder(per_class=10, size=16)
+    weights = tmp_path / "backbone.weights.h5"
+    build_backbone("lenet5", 32, "none").save_weights(weights)
+    inputs = []
+
+    def recording(model, images, batch_size=256):  # the real function, its inputs recorded
+        inputs.append(tuple(np.shape(images)[1:]))
+        return predict_probabilities(model, images, batch_size)
+
+    monkeypatch.setattr(tlkit.api, "predict_probabilities", recording)
+    common = dict(backbone="lenet5", weights=str(weights), image_size=32, augment="none",
+                  flip="none", verbose=0, runs_dir=tmp_path / "runs",
+                  export_dir=tmp_path / "sm", cache_dir=tmp_path / "cache", test_split=0.2)
+    result = tlkit.fit(folder, epochs=3, unfreeze=0, **common)
+    width = result.model.get_layer("predictions").kernel.shape[0]
+    assert inputs == [(width,), (32, 32, 3)]  # val: the head on its features; test: images
+
+    with open(result.run_dir / "splits.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["split"] == "val"]
+    images = np.stack([tlkit.images.load_image(Path(folder).parent / row["file"], 32)
+                       for row in rows])
+    classes = tlkit.load(result.export_path).class_names
+    labels = np.array([classes.index(row["class"]) for row in rows])
+    full = result.model.predict(images.astype("float32"), verbose=0)  # the whole model
+    loss = float(np.mean(-np.log(full[np.arange(len(labels)), labels])))
+    assert result.metrics["val"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result.metrics["val"]["accuracy"] == np.mean(full.argmax(axis=1) == labels)
+
+    # A kept unfreezing stage changed the backbone: the validation images go through it.
+    inputs.clear()
+    staged = tlkit.fit(folder, stages="head:1@1e-3,f6:2@1e-2", patience=5, name="unfrozen",
+                       **common)
+    schedule = json.loads((staged.run_dir / "schedule.json").read_text())
+    kept = not schedule[1]["rolled_back"]
+    assert inputs[0] == ((32, 32, 3) if kept else (width,)), schedule
 
 
 def test_no_feature_cache_flag_trains_a_pretrained_head_on_the_full_model(image_folder,

@@ -113,7 +113,9 @@ def fit(data_dir=None, *, config=None, resume=None, on_batch_end=None, **options
         history = [epoch for result in results for epoch in result.history]
         if not run.cluster.is_chief:
             return _worker_done(run, model, history)
-        probabilities, metrics, evaluation, thresholds = _evaluate(run, model)
+        backbone_changed = any(r.name != HEAD and not r.rolled_back for r in results)
+        probabilities, metrics, evaluation, thresholds = _evaluate(run, model,
+                                                                   backbone_changed)
         schedule = _schedule_report(results)
         _write_run_folder(run, model, schedule, history)
         export_path = _export(run, model, probabilities, metrics, evaluation, schedule,
@@ -146,6 +148,10 @@ class _Run:
     own_dir: Path | None = None  # this worker's folder in it (the run folder on the chief)
     state: object = None  # a resume point (tlkit.checkpoint.RunState) or None
     data: object = None  # tlkit.data.ImageData
+    # The validation split's pooled features as the head stage trained on them, when
+    # TensorFlow float32 computed them (exactly the float32 model's): evaluation takes the
+    # validation probabilities from them when no later stage changed the backbone.
+    head_val_features: object = None
 
     @property
     def verbose(self):
@@ -257,7 +263,8 @@ def _train(run, model, spec, on_batch_end):
         jit_compile=config.train.jit == "on", strategy=cluster.strategy,
         checkpoint_dir=run.own_dir, keep_previous_state=cluster.workers > 1)
     callbacks = _FitCallbacks(
-        _feature_inputs(config, spec, trained, data, run.verbose, run.clock),
+        _feature_inputs(config, spec, trained, data, run.verbose, run.clock,
+                        lambda features: setattr(run, "head_val_features", features)),
         _tensorboard(config, run.dir) if cluster.is_chief else None, on_batch_end)
     try:
         with failures(cluster, run.dir), run.clock.step("epochs"):
@@ -301,14 +308,25 @@ def _worker_done(run, model, history):
     return FitResult(run.config, run.dir, None, history, {}, model)
 
 
-def _evaluate(run, model):
-    """One forward pass per held-out split feeds its metrics and its evaluation report; a
-    multi-label run's thresholds are chosen on the validation split first (None for a
-    single-label run)."""
+def _evaluate(run, model, backbone_changed):
+    """One forward pass per held-out split feeds its metrics and its evaluation report (none
+    for the validation split when the head stage's float32 features of it still hold: only
+    the head runs); a multi-label run's thresholds are chosen on the validation split first
+    (None for a single-label run)."""
     data, batch = run.data, run.config.data.batch_size
     with run.clock.step("evaluation"):
-        probabilities = {name: predict_probabilities(model, data.splits[name].images, batch)
-                         for name in ("val", "test") if name in data.splits}
+        probabilities = {}
+        for name in ("val", "test"):
+            if name not in data.splits:
+                continue
+            if name == "val" and run.head_val_features is not None and not backbone_changed:
+                from tlkit.features import head_model
+
+                probabilities[name] = predict_probabilities(head_model(model),
+                                                            run.head_val_features, batch)
+            else:
+                probabilities[name] = predict_probabilities(model, data.splits[name].images,
+                                                            batch)
         metrics = {name: probability_metrics(data.splits[name].labels, values, batch)
                    for name, values in probabilities.items()}
         thresholds = (choose_thresholds(data.splits["val"].labels, probabilities["val"])
@@ -645,10 +663,12 @@ def _schedule(config, group_names, pretrained):
                        unfreeze=train.unfreeze, fine_tune_epochs=train.fine_tune_epochs)
 
 
-def _feature_inputs(config, spec, model, data, verbose, clock):
+def _feature_inputs(config, spec, model, data, verbose, clock, keep_val_features):
     """Stage inputs that train a stage on cached outputs of the layers it leaves frozen
     (`tlkit.features`): the head on pooled backbone features, an unfreezing stage on the
-    activations below its groups; None when the run does not use them."""
+    activations below its groups; None when the run does not use them. The head stage's
+    validation features go to `keep_val_features` when TensorFlow float32 computed them
+    with a float32 backbone (the float32 model's own features)."""
     train_config = config.train
     if not config.model.pretrained or not (train_config.feature_cache or
                                            train_config.fine_tune_cache):
@@ -693,6 +713,9 @@ def _feature_inputs(config, spec, model, data, verbose, clock):
                                    engine=engine)
             val = split_features(model, val_split, val_split.digests, cache, keyed,
                                  verbose=verbose, engine=engine)
+        if cut is None and val.computed_by == ("tensorflow", "float32") and \
+                settings["dtype_policy"] == "float32":
+            keep_val_features(val.features[0])
         if verbose:
             source = "from the cache" if train.from_cache and val.from_cache else \
                 f"computed ({engine.name} {engine.precision})"

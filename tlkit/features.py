@@ -241,8 +241,11 @@ class FeatureEngine:
         self.requested = engine
         self.verbose = verbose
         self.name, self.precision, self.check = None, None, None
-        self._tensorflow = tf.function(lambda batch: self.extractor(batch, training=False),
-                                       reduce_retracing=True)
+        # Traced once for any batch size: the sample, full batches and the last one.
+        self._tensorflow = tf.function(
+            lambda batch: self.extractor(batch, training=False),
+            input_signature=[tf.TensorSpec([None, *self.extractor.input_shape[1:]],
+                                           tf.float32)])
         self._forward = None
 
     def candidates(self):
@@ -449,6 +452,7 @@ class SplitFeatures:
     features: np.ndarray
     labels: np.ndarray
     from_cache: bool
+    computed_by: tuple = ("tensorflow", "float32")  # (engine, precision) that computed them
 
 
 def split_features(model, split, digests, cache, settings, augmenter=None, views=1,
@@ -484,11 +488,11 @@ def split_features(model, split, digests, cache, settings, augmenter=None, views
     for candidate in engine.candidates() if cache is not None else []:
         stored = cache.get(key(*candidate))
         if stored is not None and stored.shape[:2] == (views, len(split)):
-            return SplitFeatures(stored, split.labels, True)
+            return SplitFeatures(stored, split.labels, True, candidate)
     features = compute_features(engine, split.images, augmenter, views, batch_size, verbose)
     if cache is not None:
         cache.put(key(engine.name, engine.precision), features)
-    return SplitFeatures(features, split.labels, False)
+    return SplitFeatures(features, split.labels, False, (engine.name, engine.precision))
 
 
 def feature_dataset(split_features, batch_size, shuffle=False, seed=None):
