@@ -17,8 +17,13 @@ MobileNetV2 at 160 px, where the forward pass does. Goal: REST and gRPC >= 0.8x 
 scratch CNN at 16 clients.
 
 Needs: apt-get install -y wrk nghttp2-client.
-Run: python -m benchmarks.serve  (about 2 minutes on 2 CPU cores)
+Run: python -m benchmarks.serve  (about 2 minutes on 2 CPU cores; rewrites its section of
+RESULTS.md). A part of it only prints its table, e.g. to compare two versions of the server,
+each run from its own source tree:
+python -m benchmarks.serve --case scratch --way gRPC --clients 16 --server-path /other/tree
 """
+
+import argparse
 
 import base64
 import io
@@ -160,12 +165,18 @@ def grpc_body(image):
 
 
 class Server:
-    """`tlkit serve` in a subprocess on free ports."""
+    """`tlkit serve` in a subprocess on free ports, with tlkit from the folder `source` when
+    given (otherwise as this process finds it)."""
 
-    def __init__(self, export):
+    def __init__(self, export, source=None):
+        env = dict(os.environ)
+        if source is not None:  # tlkit imported from that tree first
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(source)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tlkit.cli", "serve", "--model", str(export), "--port", "0",
-             "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=env)
         ports = {}
         for line in self.process.stdout:
             if line.startswith("Ctrl-C"):
@@ -184,7 +195,8 @@ class Server:
         return int(images), int(passes)
 
 
-def measure(work, backbone, size):
+def measure(work, backbone, size, ways=("REST", "gRPC"), counts=CLIENTS, source=None):
+    """One export served and measured under each of `ways` and client `counts`."""
     keras.utils.set_random_seed(0)
     model = build_classifier(backbone, len(CLASSES), size, weights="none")
     export = export_classifier(model, CLASSES, work, "bench", image_size=size, resize="squash")
@@ -200,13 +212,13 @@ def measure(work, backbone, size):
     single = Raw(export, images, 1).rate()[0]
     ceiling = Raw(export, images, RAW_BATCH)
     rows, sent = [], 0
-    server = Server(export)
+    server = Server(export, source)
     try:
         sent += wrk(server.rest_url, folder, GOAL_CLIENTS, 1)[0]  # warm-up
         before = ceiling.rate()
         raws = [before]
-        for way in ("REST", "gRPC"):
-            for clients in CLIENTS:
+        for way in ways:
+            for clients in counts:
                 cpu = cpu_seconds(server.process.pid)
                 if way == "REST":
                     result = wrk(server.rest_url, folder, clients, SECONDS)
@@ -232,11 +244,41 @@ def measure(work, backbone, size):
             "served": served, "passes": passes}
 
 
-def main():
+def parse_args(argv=None):
+    """The command line: which models, ways and client counts to measure (default: all,
+    and then the RESULTS.md section is rewritten), and which tlkit serves."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", nargs="+", choices=[name for name, _ in CASES],
+                        help="models to measure [default: all]")
+    parser.add_argument("--way", nargs="+", choices=["REST", "gRPC"],
+                        help="APIs to measure [default: both]")
+    parser.add_argument("--clients", nargs="+", type=int,
+                        help=f"concurrent client counts [default: {' '.join(map(str, CLIENTS))}]")
+    parser.add_argument("--server-path", type=Path,
+                        help="run the server with tlkit from this source tree (the folder "
+                             "holding tlkit/); only prints [default: this tlkit]")
+    args = parser.parse_args(argv)
+    if args.clients is not None and min(args.clients) < 1:
+        parser.error(f"--clients must be at least 1. Received: {args.clients}")
+    if args.server_path is not None and not (args.server_path / "tlkit").is_dir():
+        parser.error(f"--server-path must hold a tlkit/ folder. Received: {args.server_path}")
+    return args
+
+
+def main(argv=None):
+    """Measures and prints the table; a full run with this tlkit also rewrites the
+    RESULTS.md section. Returns the exit code (0 if the goal was met, or for a part)."""
+    args = parse_args(argv)
+    chosen = [case for case in CASES if args.case is None or case[0] in args.case]
+    ways = tuple(args.way or ("REST", "gRPC"))
+    counts = tuple(args.clients or CLIENTS)
+    partial = ((len(chosen), ways, counts) != (len(CASES), ("REST", "gRPC"), CLIENTS)
+               or args.server_path is not None)
     work = Path(tempfile.mkdtemp(prefix="tlkit-serve-"))
     load, started = os.getloadavg()[0], time.perf_counter()
     try:
-        cases = [measure(work / case[0], *case) for case in CASES]
+        cases = [measure(work / case[0], *case, ways, counts, args.server_path)
+                 for case in chosen]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     run_time = time.perf_counter() - started
@@ -278,6 +320,11 @@ def main():
         lines.append(f"| {name} | | | | | mean batch {case['served'] / case['passes']:.1f} "
                      "images | | |")
     met = all(ratio >= GOAL for ratio in goal.values()) and len(goal) == 2
+    if partial:
+        print("\n".join(lines[6:]))
+        for way, ratio in goal.items():
+            print(f"{way} at {GOAL_CLIENTS} clients (scratch): {ratio:.2f}x raw")
+        return 0
     lines += ["", f"Goal: REST and gRPC >= {GOAL:g}x raw for the scratch CNN at {GOAL_CLIENTS}"
                   f" clients: {'met' if met else 'NOT met'} (REST {goal.get('REST', 0):.2f}x, "
                   f"gRPC {goal.get('gRPC', 0):.2f}x)."]
