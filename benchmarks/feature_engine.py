@@ -65,7 +65,7 @@ def clock_ghz():
 def peaks():
     """(float32 GFLOPS, bfloat16 GFLOPS or None) of this machine, computed as the module
     docstring says."""
-    from tlkit.features import cpu_flags
+    from tlkit.runtime import cpu_flags
 
     flags, cores, ghz = cpu_flags(), os.cpu_count(), clock_ghz()
     lanes = 16 if "avx512f" in flags else 8

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlkit.errors import ClusterError, ConfigError
+from tlkit.runtime import cpu_flags
 
 TIMEOUT_ENV = "TLKIT_COLLECTIVE_TIMEOUT"
 STARTUP_TIMEOUT_ENV = "TLKIT_STARTUP_TIMEOUT"
@@ -98,12 +99,7 @@ def gpu_count():
 
 def cpu_has_bfloat16():
     """Whether the CPU computes bfloat16 natively (x86 AVX512_BF16 or AMX, Arm BF16)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    match = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M)
-    return bool(match and set(match.group(1).split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def resolve_distribute(distribute):

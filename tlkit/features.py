@@ -44,6 +44,7 @@ import tensorflow as tf
 from tlkit.data import default_cache_dir
 from tlkit.errors import ConfigError
 from tlkit.files import write_atomically
+from tlkit.runtime import cpu_flags
 from tlkit.validation import check_number
 
 FORMAT = 1
@@ -73,18 +74,6 @@ and the conversion 5 s, so only a job of about 30 s gains."""
 def engine_min_seconds():
     """`ENGINE_MIN_SECONDS` for this machine's CPU."""
     return ENGINE_MIN_SECONDS["amx" if "amx_bf16" in cpu_flags() else "other"]
-
-
-def cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (an empty set where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 ACTIVATIONS_MAX_BYTES = 1024**3

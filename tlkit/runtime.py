@@ -87,3 +87,15 @@ def _shown_lines(text, level):
             continue
         kept.append(line)
     return b"".join(kept)
+
+
+def cpu_flags():
+    """The CPU's feature flags (x86 `flags`, Arm `Features`) from /proc/cpuinfo, as a set; an
+    empty set where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    match = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M)
+    return set(match.group(1).split()) if match else set()
