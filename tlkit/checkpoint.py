@@ -80,13 +80,18 @@ class StateWriter:
                            else state.stage.optimizer_state)
         groups = dict(zip(_GROUPS, (state.current_weights, state.rollback_weights,
                                     state.stage.best_weights, optimizer_state)))
-        if state.current_weights and not self._base_fits(state.current_weights):
-            self._write_base(state.current_weights)
+        current = [np.asarray(w) for w in state.current_weights or []]
+        same = self._matching(current)
+        if current and 2 * sum(current[i].nbytes for i in same) < sum(w.nbytes for w in current):
+            self._write_base(current)
+            same = set(range(len(current)))
         arrays, from_base = {}, {}
         for group, values in groups.items():
             for index, value in enumerate(values or []):
                 value = np.asarray(value)
-                if group != "optimizer" and self._in_base(index, value):
+                in_base = (index in same if group == "current" else
+                           group != "optimizer" and self._in_base(index, value))
+                if in_base:
                     from_base.setdefault(group, []).append(index)
                 else:
                     arrays[f"{group}/{index}"] = value
@@ -103,12 +108,12 @@ class StateWriter:
         return (base is not None and index < len(base) and base[index].shape == value.shape
                 and base[index].dtype == value.dtype and np.array_equal(base[index], value))
 
-    def _base_fits(self, weights):
+    def _matching(self, weights):
+        """Indices of the arrays of `weights` equal to the base's (none if the base is of
+        another model)."""
         if self._base is None or len(self._base) != len(weights):
-            return False
-        same = sum(np.asarray(w).nbytes for i, w in enumerate(weights)
-                   if self._in_base(i, np.asarray(w)))
-        return 2 * same >= sum(np.asarray(w).nbytes for w in weights)
+            return set()
+        return {i for i, w in enumerate(weights) if self._in_base(i, w)}
 
     def _write_base(self, weights):
         taken = {p.name for p in self.folder.glob(f"{BASE_PREFIX}*.npz")}
