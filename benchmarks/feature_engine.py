@@ -136,8 +136,8 @@ def speed():
         ratios[(backbone, size)] = ov_rate / tf_rate if engine.name == "openvino" else None
         share_tf = tf_rate * flops / 1e9 / float32_peak
         share_ov = ov_rate * flops / 1e9 / (bfloat16_peak or float32_peak)
-        rows.append(f"| {backbone} {size} px, weights {weights} | {flops / 1e9:.2f} | {tf_rate:.1f} "
-                    f"({share_tf:.0%}) | {ov_rate:.1f} ({share_ov:.1%}) | {used} | "
+        rows.append(f"| {backbone} {size} px, weights {weights} | {flops / 1e9:.2f} | "
+                    f"{tf_rate:.1f} ({share_tf:.0%}) | {ov_rate:.1f} ({share_ov:.1%}) | {used} | "
                     f"{ov_rate / tf_rate:.2f}x | {tf_first:.1f} | {ov_first:.1f} | "
                     f"{tf_first / ov_first:.2f}x | {np.min(cosines):.6f} |")
         print(rows[-1], flush=True)
