@@ -52,6 +52,36 @@ def test_a_clean_set_flags_nothing(method):
     assert np.all(found.noise_rates == 0)
 
 
+def hard_class_probabilities():
+    """Class 1 is hard (self-confidence 0.4-0.6). Image 30 (class 0, labelled 1) is one the
+    heads are sure of; image 31 (class 0, labelled 1) reaches no threshold; image 60 (clean,
+    class 2) leans to class 1 enough to count for it."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(3), 30)
+    own = np.concatenate([rng.uniform(0.75, 0.9, 30), rng.uniform(0.4, 0.6, 30),
+                          rng.uniform(0.7, 0.9, 30)])
+    p = np.repeat(((1 - own) / 2)[:, None], 3, axis=1)
+    p[np.arange(90), labels] = own
+    p[30], p[31], p[60] = [0.94, 0.03, 0.03], [0.7, 0.1, 0.2], [0.02, 0.52, 0.46]
+    return p, labels
+
+
+def test_self_confidence_flags_the_least_self_confident_of_all_classes():
+    p, labels = hard_class_probabilities()
+    found = confident_learning(p, labels, "self_confidence")
+    assert found.confident_joint[1, 0] == 1 and found.confident_joint[2, 1] == 1
+    assert found.confident_joint.sum() - np.trace(found.confident_joint) == 2
+    assert list(found.label_issues) == [30, 31]  # the count, spent where p_given is lowest
+    assert found.suggested[30] == 0 and found.suggested[31] == 0
+
+
+def test_class_self_confidence_spends_each_rows_count_in_its_own_class():
+    p, labels = hard_class_probabilities()
+    found = confident_learning(p, labels, "class_self_confidence")
+    assert list(found.label_issues) == [30, 60]  # row 2's count goes to class 2's weakest
+    assert found.suggested[60] == 1
+
+
 def test_each_class_has_its_own_threshold_the_mean_self_confidence():
     labels = np.array([0, 0, 1, 1, 1])
     p = np.array([[0.9, 0.1], [0.7, 0.3], [0.4, 0.6], [0.2, 0.8], [0.0, 1.0]])

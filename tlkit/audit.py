@@ -23,12 +23,15 @@ then the whole divided by n) it estimates the joint distribution of given and tr
 `Q`; `1 - Q[i, i] / sum_j Q[i, j]` is the estimated share of wrong labels in class i. Which
 images are label issues (`METHODS`):
 
-- `self_confidence` (the default): in each class i, as many images as row i of the
-  confident joint has off its diagonal, those with the lowest self-confidence `p_i`
-  (cleanlab's `low_self_confidence` filter). Chosen on benchmarks/audit_noise.py's
-  development seed, drawn from Fashion-MNIST's training file: it had the highest
-  precision and recall of the three at 5% and at 10% flipped labels (0.70 and 0.79 at 10%,
-  against 0.51 / 0.58 and 0.49 / 0.77; RESULTS.md, section audit_noise_dev).
+- `self_confidence` (the default): as many images as the confident joint has off its
+  diagonal, those with the lowest self-confidence `p_given` over the whole data (the
+  `low_self_confidence` filter of cleanlab, the reference implementation). Chosen on
+  benchmarks/audit_noise.py's development seeds, drawn from Fashion-MNIST's training file
+  (RESULTS.md, section audit_noise_dev): a class whose images the heads find hard has many
+  clean images of low self-confidence, and ranking over all classes spends the count on
+  the least self-confident images wherever they are.
+- `class_self_confidence`: in each class i, as many images as row i of the confident joint
+  has off its diagonal, those of class i with the lowest self-confidence.
 - `confident_joint`: every image counted off the diagonal of the confident joint.
 - `noise_rate` ("prune by noise rate"): for each off-diagonal cell (i, j), the
   `round(n * Q[i, j])` images labelled i with the largest margin `p_j - p_i`, leaving out
@@ -294,6 +297,9 @@ def confident_learning(probabilities, labels, method="self_confidence"):
     if method == "confident_joint":
         issue = off_diagonal
     elif method == "self_confidence":
+        issue = np.zeros(n, bool)
+        issue[np.argsort(self_confidence, kind="stable")[:int(off_diagonal.sum())]] = True
+    elif method == "class_self_confidence":
         issue = np.zeros(n, bool)
         for label in range(k):
             members = np.flatnonzero(labels == label)

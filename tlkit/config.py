@@ -37,7 +37,7 @@ DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
 JIT_MODES = ("auto", "on", "off")
 FLIP_CHOICES = ("auto", *FLIP_MODES)
 CLASS_WEIGHT_MODES = ("none", "auto")
-AUDIT_METHODS = ("self_confidence", "confident_joint", "noise_rate")
+AUDIT_METHODS = ("self_confidence", "class_self_confidence", "confident_joint", "noise_rate")
 
 # Settings whose resolved value depends on the machine (a GPU's `jit="on"` compiles XLA on a
 # CPU, 3.8x slower) or the backbone: a saved config keeps them as asked, beside the resolved.
@@ -395,9 +395,11 @@ class AuditConfig:
     weight_decay: float = _setting(1e-3, "L2 penalty of the softmax heads (on features centred "
                                    "and scaled to a mean squared norm of 1).")
     method: str = _setting("self_confidence", "Which images are label issues: self_confidence "
-                           "(per class, as many as the confident joint counts off its diagonal, "
-                           "the least self-confident first), confident_joint (every off-diagonal "
-                           "entry) or noise_rate (prune by noise rate).", choices=AUDIT_METHODS)
+                           "(as many as the confident joint counts off its diagonal, the least "
+                           "self-confident of all), class_self_confidence (the same count per "
+                           "class, the least self-confident of each), confident_joint (every "
+                           "off-diagonal entry) or noise_rate (prune by noise rate).",
+                           choices=AUDIT_METHODS)
     seed: int = _setting(42, "Seed of the folds.")
     cache_dir: str | None = _same_setting(DataConfig, "cache_dir")
     feature_cache: bool = _setting(True, "Keep the features in the feature cache (keyed by the "
