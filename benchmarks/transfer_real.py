@@ -35,8 +35,9 @@ The MobileNet arms use tlkit's image size for the backbone, the outside recipes 
                                                        # other arms' last results
     python -m benchmarks.transfer_real --tune          # tlkit variants, validation only
 
-`--tune` compares tlkit settings on seed 100 with 30 validation photos per class, scored on
-validation only, never on the test photos: how tlkit's defaults were chosen.
+`--tune` compares tlkit settings on seed 100 (`--tune-seeds` for others, never 0-2) with 30
+validation photos per class, scored on validation only, never on the test photos: how
+tlkit's defaults were chosen.
 """
 
 import argparse
@@ -414,44 +415,58 @@ TUNE_VARIANTS = {
     "views4": ["--cached-views", "4"],
     "unfreeze3": ["--unfreeze", "3"],
     "fine_tune_cache": ["--fine-tune-cache"],
+    "fine_tune_cache_views4": ["--fine-tune-cache", "--cached-views", "4"],
+    "unfreeze2_cache": ["--unfreeze", "2", "--fine-tune-cache"],
+    "unfreeze3_cache": ["--unfreeze", "3", "--fine-tune-cache"],
     "dropout0.5": ["--dropout", "0.5"],
 }
 
 
-def tune(ns, variants):
-    """tlkit variants on seed TUNE_SEED, scored on TUNE_VAL validation photos per class."""
+def tune(ns, variants, seeds=(TUNE_SEED,)):
+    """tlkit variants on `seeds` (not the benchmark's), scored on TUNE_VAL validation photos
+    per class."""
     keras_home = prepare_weights()
     env = child_env(keras_home)
     work = Path(tempfile.mkdtemp(prefix="transfer_tune-"))
     rows = []
     for n in ns:
-        train_dir, val_dir = make_task(work, n, TUNE_SEED, TUNE_VAL)
-        for name in variants:
-            out = work / "runs" / f"n{n}-{name}"
-            out.mkdir(parents=True)
-            started = time.time()
-            command = tlkit_command("tlkit", train_dir, val_dir, out, TUNE_SEED,
-                                    TUNE_VARIANTS[name])
-            with open(out / "log.txt", "w") as log:
-                done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            if done.returncode:
-                print(f"N={n} {name}: failed, see {out / 'log.txt'}")
-                continue
-            result = json.loads(next((out / "runs").glob("*/*/result.json")).read_text())
-            accuracy = result["metrics"]["val"]["accuracy"]
-            rows.append((n, name, accuracy, time.time() - started))
-            print(f"N={n} {name}: val accuracy {accuracy:.3f} in {rows[-1][3]:.0f} s",
-                  flush=True)
+        for seed in seeds:
+            train_dir, val_dir = make_task(work, n, seed, TUNE_VAL)
+            for name in variants:
+                out = work / "runs" / f"n{n}-seed{seed}-{name}"
+                out.mkdir(parents=True)
+                started = time.time()
+                command = tlkit_command("tlkit", train_dir, val_dir, out, seed,
+                                        TUNE_VARIANTS[name])
+                with open(out / "log.txt", "w") as log:
+                    done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                          env=env)
+                if done.returncode:
+                    print(f"N={n} seed {seed} {name}: failed, see {out / 'log.txt'}")
+                    continue
+                result = json.loads(next((out / "runs").glob("*/*/result.json")).read_text())
+                accuracy = result["metrics"]["val"]["accuracy"]
+                rows.append((n, seed, name, accuracy, time.time() - started))
+                print(f"N={n} seed {seed} {name}: val accuracy {accuracy:.3f} in "
+                      f"{rows[-1][4]:.0f} s", flush=True)
     return rows
 
 
 def tune_report(rows):
-    """The markdown table of `tune`'s rows."""
-    lines = ["| N | variant | flags | validation accuracy | wall s |",
-             "| --- | --- | --- | --- | --- |"]
-    for n, name, accuracy, seconds in rows:
+    """The markdown table of `tune`'s rows (with a mean row per variant over several
+    seeds)."""
+    seeds = sorted({row[1] for row in rows})
+    lines = ["| N | seed | variant | flags | validation accuracy | wall s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n, seed, name, accuracy, seconds in rows:
         flags = " ".join(TUNE_VARIANTS[name]) or "(tlkit's defaults)"
-        lines.append(f"| {n} | {name} | `{flags}` | {accuracy:.3f} | {seconds:.0f} |")
+        lines.append(f"| {n} | {seed} | {name} | `{flags}` | {accuracy:.3f} | {seconds:.0f} |")
+    if len(seeds) > 1:
+        for n, name in dict.fromkeys((row[0], row[2]) for row in rows):
+            runs = [row for row in rows if row[0] == n and row[2] == name]
+            mean, std = mean_std([row[3] for row in runs])
+            lines.append(f"| {n} | mean of {len(runs)} | {name} | | {mean:.3f} ± {std:.3f} | "
+                         f"{statistics.mean(row[4] for row in runs):.0f} |")
     return lines
 
 
@@ -461,6 +476,10 @@ def main(argv):
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--tune", nargs="*", default=None, metavar="VARIANT")
+    parser.add_argument("--tune-seeds", type=int, nargs="+", default=[TUNE_SEED],
+                        help="seeds of --tune's draws (never the benchmark's 0-2)")
+    parser.add_argument("--tune-section", default=None,
+                        help="RESULTS.md section of --tune (default: by N)")
     parser.add_argument("--section", default="transfer_real",
                         help="RESULTS.md section to write (e.g. one per set of N)")
     parser.add_argument("--recipe", choices=OUTSIDE)
@@ -474,13 +493,14 @@ def main(argv):
     if args.tune is not None:
         from benchmarks._common import machine, publish
 
-        rows = tune(args.n, args.tune or list(TUNE_VARIANTS))
+        rows = tune(args.n, args.tune or list(TUNE_VARIANTS), args.tune_seeds)
         header = [f"## Choosing tlkit's transfer defaults, N={' '.join(map(str, args.n))} "
                   "(benchmarks/transfer_real.py --tune)", "",
-                  f"Machine: {machine()}. Seed {TUNE_SEED}, {TUNE_VAL} validation photos per "
+                  f"Machine: {machine()}. Seeds {', '.join(map(str, args.tune_seeds))}, "
+                  f"{TUNE_VAL} validation photos per "
                   "class drawn from the training file; scored on validation only. "
                   "`--backbone mobilenet --weights imagenet` plus the flags.", ""]
-        return publish(f"transfer_real_tune_n{'_'.join(map(str, args.n))}",
+        return publish(args.tune_section or f"transfer_real_tune_n{'_'.join(map(str, args.n))}",
                        header + tune_report(rows))
     return benchmark(args.n, args.seeds, args.arms, args.section)
 
