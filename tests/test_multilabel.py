@@ -312,12 +312,40 @@ def test_multi_label_metrics_against_hand_computed_values():
 def test_multi_label_setting_and_what_it_refuses(tmp_path):
     config = build_config(data_dir=str(tmp_path), multi_label=True)
     assert config.data.multi_label and config.to_dict()["data"]["multi_label"] is True
-    with pytest.raises(ConfigError, match="class_weight"):
-        build_config(data_dir=str(tmp_path), multi_label=True, class_weight="auto")
+    assert build_config(data_dir=str(tmp_path), multi_label=True,
+                        class_weight="auto").train.class_weight == "auto"
     with pytest.raises(ConfigError, match="init_from"):
         build_config(data_dir=str(tmp_path), multi_label=True, init_from="run")
     with pytest.raises(ConfigError, match="multi_label"):
         DataConfig(str(tmp_path), multi_label="yes")
+
+
+def test_class_weight_auto_weighs_each_labels_states_by_the_training_split(tmp_path,
+                                                                            monkeypatch):
+    import tlkit
+    from tlkit import api
+    from tlkit.api import balanced_label_weights
+    from tlkit.training import run_schedule
+
+    labels_file, _ = write_label_data(tmp_path / "photos")
+    given = []
+
+    def spy(model, groups, stages, train_ds, val_ds, settings, *args, **kwargs):
+        given.append(settings.sample_weights)
+        return run_schedule(model, groups, stages, train_ds, val_ds, settings, *args, **kwargs)
+
+    monkeypatch.setattr(api, "run_schedule", spy)
+    result = tlkit.fit(tmp_path / "photos", labels=labels_file, multi_label=True,
+                       class_weight="auto", backbone="scratch", image_size=SIZE, epochs=1,
+                       augment="none", flip="none", verbose=0, runs_dir=tmp_path / "runs",
+                       export_dir=tmp_path / "sm")
+    with open(result.run_dir / "splits.csv", newline="") as f:
+        train = [row["class"].split(";") for row in csv.DictReader(f) if row["split"] == "train"]
+    matrix = np.array([[name in row for name in LABELS] for row in train], np.float32)
+    np.testing.assert_allclose(given[0], balanced_label_weights(matrix), rtol=1e-6)
+    present = matrix.sum(axis=0)
+    assert given[0].shape == (2, 3) and present[2] < present[0]
+    assert given[0][1, 2] > given[0][1, 0]  # the rarer label c weighs more where present
 
 
 # --- End to end ------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ class TrainConfig:
                                   "(TARGET:EPOCHS@LR; TARGET is head, all or a group); "
                                   "overrides epochs, unfreeze and fine-tune epochs.",
                                   shown="none: made from those")
-    class_weight: str = _setting("none", "auto: weight the loss by inverse class frequency.",
+    class_weight: str = _setting("none", "auto: weight the loss by inverse class frequency "
+                                 "(multi-label: each label's presence and absence).",
                                  choices=CLASS_WEIGHT_MODES)
     feature_cache: bool = _setting(True, "Train the head on cached backbone features while the "
                                    "backbone is frozen.")
@@ -299,11 +300,6 @@ class FitConfig:
 
     def __post_init__(self):
         check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
-        if self.data.multi_label and self.train.class_weight != "none":
-            raise ConfigError(
-                "`class_weight` weighs one class per image, and a multi-label image has "
-                "several: leave it 'none' with `multi_label`. Received: "
-                f"multi_label=True, class_weight={self.train.class_weight!r}")
         if self.data.multi_label and self.model.init_from is not None:
             raise ConfigError(
                 "`init_from` continues a single-label (softmax) model; a multi-label run "
