@@ -309,13 +309,11 @@ def test_multi_label_metrics_against_hand_computed_values():
 # --- Settings ------------------------------------------------------------------------------
 
 
-def test_multi_label_setting_and_what_it_refuses(tmp_path):
+def test_multi_label_setting(tmp_path):
     config = build_config(data_dir=str(tmp_path), multi_label=True)
     assert config.data.multi_label and config.to_dict()["data"]["multi_label"] is True
     assert build_config(data_dir=str(tmp_path), multi_label=True,
                         class_weight="auto").train.class_weight == "auto"
-    with pytest.raises(ConfigError, match="init_from"):
-        build_config(data_dir=str(tmp_path), multi_label=True, init_from="run")
     with pytest.raises(ConfigError, match="multi_label"):
         DataConfig(str(tmp_path), multi_label="yes")
 
@@ -389,6 +387,23 @@ def test_fit_exports_thresholds_and_a_fitting_model_card(multi_label_run):
                   row["class"].split(";")}
         assert labels == set(LABELS), name
     assert json.loads((run_dir / "config.json").read_text())["data"]["multi_label"] is True
+
+
+def test_init_from_continues_a_multi_label_run(multi_label_run, tmp_path):
+    import tlkit
+
+    base, export = multi_label_run
+    run_dir = Path(json.loads((export / "assets" / "tlkit.json").read_text())["run_dir"])
+    started = json.loads((run_dir / "history.json").read_text())[0]
+    continued = tlkit.fit(base / "photos", labels=base / "photos" / "labels.csv",
+                          multi_label=True, init_from=str(run_dir), epochs=1, flip="none",
+                          augment="none", test_split=0.15, verbose=0,
+                          runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm")
+    first = continued.history[0]
+    assert continued.model.get_layer("predictions").activation.__name__ == "sigmoid"
+    assert first["val_loss"] < 0.5 * started["val_loss"], (first, started)
+    meta = json.loads((continued.export_path / "assets" / "tlkit.json").read_text())
+    assert meta["multi_label"] is True and len(meta["thresholds"]) == 3
 
 
 def test_plain_tensorflow_serving_default_returns_labels_above_thresholds(multi_label_run):

@@ -220,7 +220,7 @@ def _build_classifier(run, built, spec):
     if config.model.init_from:
         previous, previous_classes = built
         return extend_classifier(previous, previous_classes, data.class_names,
-                                 config.model.dropout)
+                                 config.model.dropout, multi_label=data.multi_label)
     return build_classifier(spec.name, data.num_classes, config.data.image_size,
                             config.model.dropout, backbone_model=built,
                             multi_label=data.multi_label)

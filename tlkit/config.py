@@ -153,7 +153,9 @@ class ModelConfig:
                             "trains), or a weights file (e.g. a run's backbone.weights.h5).",
                             shown="auto: imagenet if the backbone has them, else none")
     init_from: str | None = _setting(None, "Continue a tlkit run folder or model.keras; new "
-                                     "class folders are added.", shown="none: a new network")
+                                     "classes are added (a head of the other kind, softmax "
+                                     "or multi-label, starts anew).",
+                                     shown="none: a new network")
     train_bn: bool = _setting(False, "Let BatchNorm layers of unfrozen groups train (off: "
                               "frozen, in inference mode).", flags=("--train-bn/--freeze-bn",))
     dropout: float | str = _setting("auto", "Head dropout rate.", shown="auto: the backbone's")
@@ -300,11 +302,6 @@ class FitConfig:
 
     def __post_init__(self):
         check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
-        if self.data.multi_label and self.model.init_from is not None:
-            raise ConfigError(
-                "`init_from` continues a single-label (softmax) model; a multi-label run "
-                "starts a new head: use `weights` with the run's backbone.weights.h5 instead. "
-                f"Received: multi_label=True, init_from={self.model.init_from!r}")
 
     def to_dict(self):
         """The config as plain JSON-ready data."""
