@@ -309,15 +309,41 @@ def test_multi_label_metrics_against_hand_computed_values():
 # --- Settings ------------------------------------------------------------------------------
 
 
-def test_multi_label_setting_and_what_it_refuses(tmp_path):
+def test_multi_label_setting(tmp_path):
     config = build_config(data_dir=str(tmp_path), multi_label=True)
     assert config.data.multi_label and config.to_dict()["data"]["multi_label"] is True
-    with pytest.raises(ConfigError, match="class_weight"):
-        build_config(data_dir=str(tmp_path), multi_label=True, class_weight="auto")
-    with pytest.raises(ConfigError, match="init_from"):
-        build_config(data_dir=str(tmp_path), multi_label=True, init_from="run")
+    assert build_config(data_dir=str(tmp_path), multi_label=True,
+                        class_weight="auto").train.class_weight == "auto"
     with pytest.raises(ConfigError, match="multi_label"):
         DataConfig(str(tmp_path), multi_label="yes")
+
+
+def test_class_weight_auto_weighs_each_labels_states_by_the_training_split(tmp_path,
+                                                                            monkeypatch):
+    import tlkit
+    from tlkit import api
+    from tlkit.api import balanced_label_weights
+    from tlkit.training import run_schedule
+
+    labels_file, _ = write_label_data(tmp_path / "photos")
+    given = []
+
+    def spy(model, groups, stages, train_ds, val_ds, settings, *args, **kwargs):
+        given.append(settings.sample_weights)
+        return run_schedule(model, groups, stages, train_ds, val_ds, settings, *args, **kwargs)
+
+    monkeypatch.setattr(api, "run_schedule", spy)
+    result = tlkit.fit(tmp_path / "photos", labels=labels_file, multi_label=True,
+                       class_weight="auto", backbone="scratch", image_size=SIZE, epochs=1,
+                       augment="none", flip="none", verbose=0, runs_dir=tmp_path / "runs",
+                       export_dir=tmp_path / "sm")
+    with open(result.run_dir / "splits.csv", newline="") as f:
+        train = [row["class"].split(";") for row in csv.DictReader(f) if row["split"] == "train"]
+    matrix = np.array([[name in row for name in LABELS] for row in train], np.float32)
+    np.testing.assert_allclose(given[0], balanced_label_weights(matrix), rtol=1e-6)
+    present = matrix.sum(axis=0)
+    assert given[0].shape == (2, 3) and present[2] < present[0]
+    assert given[0][1, 2] > given[0][1, 0]  # the rarer label c weighs more where present
 
 
 # --- End to end ------------------------------------------------------------------------------
@@ -361,6 +387,23 @@ def test_fit_exports_thresholds_and_a_fitting_model_card(multi_label_run):
                   row["class"].split(";")}
         assert labels == set(LABELS), name
     assert json.loads((run_dir / "config.json").read_text())["data"]["multi_label"] is True
+
+
+def test_init_from_continues_a_multi_label_run(multi_label_run, tmp_path):
+    import tlkit
+
+    base, export = multi_label_run
+    run_dir = Path(json.loads((export / "assets" / "tlkit.json").read_text())["run_dir"])
+    started = json.loads((run_dir / "history.json").read_text())[0]
+    continued = tlkit.fit(base / "photos", labels=base / "photos" / "labels.csv",
+                          multi_label=True, init_from=str(run_dir), epochs=1, flip="none",
+                          augment="none", test_split=0.15, verbose=0,
+                          runs_dir=tmp_path / "runs", export_dir=tmp_path / "sm")
+    first = continued.history[0]
+    assert continued.model.get_layer("predictions").activation.__name__ == "sigmoid"
+    assert first["val_loss"] < 0.5 * started["val_loss"], (first, started)
+    meta = json.loads((continued.export_path / "assets" / "tlkit.json").read_text())
+    assert meta["multi_label"] is True and len(meta["thresholds"]) == 3
 
 
 def test_plain_tensorflow_serving_default_returns_labels_above_thresholds(multi_label_run):

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit.api import balanced_class_weights
+from tlkit.api import balanced_class_weights, balanced_label_weights
 from tlkit.models import build_classifier
 from conftest import write_image_folder
 from tlkit.training import Trainer, adapt_batchnorm_momentum, run_schedule
@@ -37,6 +37,36 @@ def _probability_of_class_1(sample_weights, val_share):
 def test_class_weights_scale_each_example_of_the_loss():
     assert abs(_probability_of_class_1(None, 0.5) - 0.5) < 0.05
     assert abs(_probability_of_class_1(np.array([1.0, 9.0], "float32"), 0.9) - 0.9) < 0.05
+
+
+def test_balanced_label_weights_weigh_each_labels_rare_state_more():
+    matrix = np.array([[1, 0], [0, 0], [0, 1], [0, 1]], np.float32)  # a: 1 of 4, b: 2 of 4
+    np.testing.assert_allclose(balanced_label_weights(matrix),
+                               [[4 / (2 * 3), 4 / (2 * 2)], [4 / (2 * 1), 4 / (2 * 2)]])
+
+
+def _presence_probabilities(sample_weights, val_shares):
+    """A sigmoid layer on one input whose two labels are each present half the time: the
+    unweighted best answer is 0.5 for both, and weights (absent w0, present w1) move a
+    label's to w1 / (w0 + w1). In the validation labels label j is present for
+    `val_shares[j]` of them, so the kept best epoch agrees."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="sigmoid")(inputs))
+    train = _same_input(np.tile(np.array([[1, 0], [0, 1]], np.float32), (32, 1)))
+    val = _same_input(np.stack([np.arange(100) < 100 * share for share in val_shares],
+                               axis=1).astype(np.float32))
+    Trainer(model, verbose=0).train_stage(train, val, epochs=80, learning_rate=0.05,
+                                          patience=80, sample_weights=sample_weights)
+    return model(np.ones((1, 4), "float32")).numpy()[0]
+
+
+def test_multi_label_weights_scale_each_labels_present_and_absent_terms():
+    np.testing.assert_allclose(_presence_probabilities(None, (0.5, 0.5)), [0.5, 0.5],
+                               atol=0.03)
+    weights = np.array([[1.0, 3.0], [4.0, 1.0]], np.float32)  # a present x4, b absent x3
+    np.testing.assert_allclose(_presence_probabilities(weights, (0.8, 0.25)), [0.8, 0.25],
+                               atol=0.03)
 
 
 def test_batchnorm_momentum_follows_the_epoch_length():

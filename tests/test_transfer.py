@@ -287,6 +287,25 @@ def test_extend_classifier_keeps_backbone_and_old_rows():
         extend_classifier(model, ["cat", "dog"], ["cat", "emu"])
 
 
+def test_extend_classifier_to_multi_label_keeps_sigmoid_rows_or_starts_a_new_head():
+    sigmoid = build_classifier("scratch", 2, 32, multi_label=True)
+    extended = extend_classifier(sigmoid, ["cat", "dog"], ["ant", "cat", "dog"],
+                                 multi_label=True)
+    assert extended.get_layer("predictions").activation.__name__ == "sigmoid"
+    np.testing.assert_array_equal(extended.get_layer("predictions").get_weights()[0][:, 1:],
+                                  sigmoid.get_layer("predictions").get_weights()[0])
+    assert extend_classifier(sigmoid, ["cat", "dog"], ["cat", "dog"], multi_label=True) \
+        is sigmoid
+    softmax = build_classifier("scratch", 2, 32)
+    relabelled = extend_classifier(softmax, ["cat", "dog"], ["cat", "emu"], multi_label=True)
+    assert relabelled.get_layer("predictions").activation.__name__ == "sigmoid"
+    assert relabelled.get_layer("backbone") is softmax.get_layer("backbone")
+    assert relabelled.output_shape[-1] == 2
+    back = extend_classifier(sigmoid, ["cat", "dog"], ["cat", "dog"])  # to one label each
+    assert back is not sigmoid and back.get_layer("predictions").activation.__name__ == \
+        "softmax"
+
+
 def test_fit_with_a_pretrained_file_runs_head_then_unfreezing(image_folder, tmp_path):
     folder = image_folder(per_class=6, size=16)
     common = dict(image_size=32, epochs=1, runs_dir=tmp_path / "runs", augment="none",

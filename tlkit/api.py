@@ -220,7 +220,7 @@ def _build_classifier(run, built, spec):
     if config.model.init_from:
         previous, previous_classes = built
         return extend_classifier(previous, previous_classes, data.class_names,
-                                 config.model.dropout)
+                                 config.model.dropout, multi_label=data.multi_label)
     return build_classifier(spec.name, data.num_classes, config.data.image_size,
                             config.model.dropout, backbone_model=built,
                             multi_label=data.multi_label)
@@ -254,7 +254,9 @@ def _train(run, model, spec, on_batch_end):
     val_ds = make_dataset(data.splits["val"], batch)
     weights = None
     if config.train.class_weight == "auto":
-        weights = balanced_class_weights(data.splits["train"].labels, data.num_classes)
+        labels = data.splits["train"].labels
+        weights = (balanced_label_weights(labels) if data.multi_label
+                   else balanced_class_weights(labels, data.num_classes))
     settings = ScheduleSettings(
         patience=config.train.patience,
         freeze_batchnorm=pretrained and not config.model.train_bn,
@@ -887,6 +889,16 @@ def balanced_class_weights(labels, num_classes):
     """Loss weight per class, `n / (num_classes * count)`: rare classes weigh more."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+
+
+def balanced_label_weights(label_matrix):
+    """Multi-label loss weights `(2, K)`: per label, `n / (2 * absent)` where it is absent
+    (row 0) and `n / (2 * present)` where present (row 1), so a rare label's few images
+    weigh as much in its term of the loss as the many without it."""
+    present = (np.asarray(label_matrix) > 0.5).sum(axis=0).astype(np.float64)
+    n = len(label_matrix)
+    counts = np.stack([n - present, present])
+    return (n / (2 * np.maximum(counts, 1))).astype(np.float32)
 
 
 def _make_run_dir(config):

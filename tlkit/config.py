@@ -153,7 +153,9 @@ class ModelConfig:
                             "trains), or a weights file (e.g. a run's backbone.weights.h5).",
                             shown="auto: imagenet if the backbone has them, else none")
     init_from: str | None = _setting(None, "Continue a tlkit run folder or model.keras; new "
-                                     "class folders are added.", shown="none: a new network")
+                                     "classes are added (a head of the other kind, softmax "
+                                     "or multi-label, starts anew).",
+                                     shown="none: a new network")
     train_bn: bool = _setting(False, "Let BatchNorm layers of unfrozen groups train (off: "
                               "frozen, in inference mode).", flags=("--train-bn/--freeze-bn",))
     dropout: float | str = _setting("auto", "Head dropout rate.", shown="auto: the backbone's")
@@ -205,7 +207,8 @@ class TrainConfig:
                                   "(TARGET:EPOCHS@LR; TARGET is head, all or a group); "
                                   "overrides epochs, unfreeze and fine-tune epochs.",
                                   shown="none: made from those")
-    class_weight: str = _setting("none", "auto: weight the loss by inverse class frequency.",
+    class_weight: str = _setting("none", "auto: weight the loss by inverse class frequency "
+                                 "(multi-label: each label's presence and absence).",
                                  choices=CLASS_WEIGHT_MODES)
     feature_cache: bool = _setting(True, "Train the head on cached backbone features while the "
                                    "backbone is frozen.")
@@ -299,16 +302,6 @@ class FitConfig:
 
     def __post_init__(self):
         check_number("seed", self.seed, 0, 2**31 - 1, integer=True)
-        if self.data.multi_label and self.train.class_weight != "none":
-            raise ConfigError(
-                "`class_weight` weighs one class per image, and a multi-label image has "
-                "several: leave it 'none' with `multi_label`. Received: "
-                f"multi_label=True, class_weight={self.train.class_weight!r}")
-        if self.data.multi_label and self.model.init_from is not None:
-            raise ConfigError(
-                "`init_from` continues a single-label (softmax) model; a multi-label run "
-                "starts a new head: use `weights` with the run's backbone.weights.h5 instead. "
-                f"Received: multi_label=True, init_from={self.model.init_from!r}")
 
     def to_dict(self):
         """The config as plain JSON-ready data."""

@@ -271,36 +271,46 @@ def load_for_continuation(path):
     return model, labels_file.read_text().splitlines()
 
 
-def extend_classifier(model, old_classes, new_classes, dropout=None):
+def extend_classifier(model, old_classes, new_classes, dropout=None, multi_label=False):
     """Adapts a trained classifier to a class list that keeps every old class and may add
     new ones: the backbone and the old head rows are kept, new rows start fresh.
+
+    A head of the other kind (a softmax model continued as multi-label, or a sigmoid one as
+    single-label) is not carried over: the backbone is kept and the head starts fresh, so
+    the old classes need not all be present then.
 
     Args:
         model: a tlkit classifier trained on `old_classes`.
         old_classes: its class names, in output order.
         new_classes: the new class names, in output order (a superset of `old_classes`).
         dropout: head dropout rate; `None` keeps the model's.
+        multi_label: whether the new head is a sigmoid per class (else a softmax).
 
     Returns:
-        `model` itself when the class lists are equal, else a new classifier that shares
-        the backbone layer.
+        `model` itself when the class lists and the head's kind are equal, else a new
+        classifier that shares the backbone layer.
 
     Raises:
-        ConfigError: if an old class is missing from `new_classes`.
+        ConfigError: if an old class is missing from `new_classes` (heads of one kind).
     """
+    check_bool("multi_label", multi_label)
+    same_kind = is_multi_label(model) == multi_label
     missing = [c for c in old_classes if c not in new_classes]
-    if missing:
+    if missing and same_kind:
         raise ConfigError(
             f"The data has no folder for classes {missing} that the `init_from` model "
             "predicts. Continue training with every old class present (new ones may be added)."
         )
-    if list(old_classes) == list(new_classes):
+    if same_kind and list(old_classes) == list(new_classes):
         return model
     spec = get_backbone(model.name.removeprefix("tlkit_"))
     if dropout is None:
         dropout = model.get_layer("output_dropout").rate
     new_model = build_classifier(spec.name, len(new_classes), model.input_shape[1],
-                                 dropout, backbone_model=model.get_layer("backbone"))
+                                 dropout, backbone_model=model.get_layer("backbone"),
+                                 multi_label=multi_label)
+    if not same_kind:
+        return new_model
     kernel, bias = model.get_layer("predictions").get_weights()
     new_kernel, new_bias = new_model.get_layer("predictions").get_weights()
     for old_index, name in enumerate(old_classes):
@@ -308,6 +318,11 @@ def extend_classifier(model, old_classes, new_classes, dropout=None):
         new_bias[new_classes.index(name)] = bias[old_index]
     new_model.get_layer("predictions").set_weights([new_kernel, new_bias])
     return new_model
+
+
+def is_multi_label(model):
+    """Whether a tlkit classifier's `predictions` layer is a sigmoid per class."""
+    return model.get_layer("predictions").activation.__name__ == "sigmoid"
 
 
 def predict_probabilities(model, images, batch_size=256):

@@ -83,7 +83,9 @@ class Trainer:
             learning_rate: Adam's learning rate (a new optimizer per stage).
             patience: epochs without improvement before stopping.
             name: stage name recorded in the history.
-            sample_weights: optional float array, one weight per class index.
+            sample_weights: optional loss weights: one per class index, or for multi-hot
+                labels `(2, K)`, each label's weight where absent (row 0) and present
+                (row 1).
             resume: a `StageProgress` saved after an earlier epoch of this stage: training
                 continues after it, with its optimizer state and best weights.
             on_epoch_end: called as `on_epoch_end(progress)` after every epoch with the
@@ -155,9 +157,7 @@ class Trainer:
         def gradients(images, labels):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
-                losses = _losses(labels, probabilities)
-                if weights is not None:
-                    losses = losses * tf.gather(weights, labels)
+                losses = _losses(labels, probabilities, weights)
                 loss = optimizer.scale_loss(tf.nn.compute_average_loss(losses))
             return tape.gradient(loss, variables), tf.stack(
                 _batch_sums(labels, probabilities, losses))
@@ -271,13 +271,25 @@ def _unless_empty(labels, compute, empty):
     return tf.cond(tf.size(labels) > 0, compute, empty)
 
 
-def _losses(labels, probabilities):
+def _losses(labels, probabilities, weights=None):
     """Per-image loss: cross-entropy of class indices, or, for multi-hot label rows, the
-    binary cross-entropy averaged over the labels."""
+    binary cross-entropy averaged over the labels.
+
+    `weights` (optional): for class indices, one weight per class, scaling each image's
+    loss by its class's; for multi-hot rows, `(2, K)`: row 0 weighs each label's term where
+    the label is absent, row 1 where it is present."""
     if labels.shape.rank == 2:
-        return keras.losses.binary_crossentropy(tf.cast(labels, probabilities.dtype),
-                                                probabilities)
-    return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        targets = tf.cast(labels, probabilities.dtype)
+        if weights is None:
+            return keras.losses.binary_crossentropy(targets, probabilities)
+        terms = keras.ops.binary_crossentropy(targets, probabilities)
+        weights = tf.cast(weights, terms.dtype)
+        scale = weights[0] + targets * (weights[1] - weights[0])
+        return tf.reduce_mean(terms * scale, axis=-1)
+    losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+    if weights is None:
+        return losses
+    return losses * tf.cast(tf.gather(weights, labels), losses.dtype)
 
 
 def _batch_sums(labels, probabilities, losses):
@@ -424,7 +436,7 @@ class ScheduleSettings:
 
     patience: int = 5  # early-stopping patience per stage
     freeze_batchnorm: bool = True  # BatchNorm stays frozen in unfrozen groups (`set_trainable`)
-    sample_weights: object = None  # per-class loss weights, or None
+    sample_weights: object = None  # loss weights (see `Trainer.train_stage`), or None
     verbose: int = 1  # 0 silent, 1 progress bars, 2 one line per epoch
     steps_per_execution: int = 1  # train steps per call into the graph (see `Trainer`)
     jit_compile: bool = False  # XLA for the forward and backward pass (see `Trainer`)
