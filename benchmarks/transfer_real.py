@@ -418,6 +418,7 @@ TUNE_VARIANTS = {
     "fine_tune_cache_views4": ["--fine-tune-cache", "--cached-views", "4"],
     "unfreeze2_cache": ["--unfreeze", "2", "--fine-tune-cache"],
     "unfreeze3_cache": ["--unfreeze", "3", "--fine-tune-cache"],
+    "unfreeze2_cache_views4": ["--unfreeze", "2", "--fine-tune-cache", "--cached-views", "4"],
     "dropout0.5": ["--dropout", "0.5"],
 }
 
