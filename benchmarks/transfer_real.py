@@ -419,11 +419,12 @@ TUNE_VARIANTS = {
     "unfreeze2_cache": ["--unfreeze", "2", "--fine-tune-cache"],
     "unfreeze3_cache": ["--unfreeze", "3", "--fine-tune-cache"],
     "unfreeze2_cache_views4": ["--unfreeze", "2", "--fine-tune-cache", "--cached-views", "4"],
+    "live_views1": ["--no-fine-tune-cache", "--cached-views", "1"],
     "dropout0.5": ["--dropout", "0.5"],
 }
 
 
-def tune(ns, variants, seeds=(TUNE_SEED,)):
+def tune(ns, variants, seeds=(TUNE_SEED,), val_per_class=TUNE_VAL):
     """tlkit variants on `seeds` (not the benchmark's), scored on TUNE_VAL validation photos
     per class."""
     keras_home = prepare_weights()
@@ -432,7 +433,7 @@ def tune(ns, variants, seeds=(TUNE_SEED,)):
     rows = []
     for n in ns:
         for seed in seeds:
-            train_dir, val_dir = make_task(work, n, seed, TUNE_VAL)
+            train_dir, val_dir = make_task(work, n, seed, val_per_class)
             for name in variants:
                 out = work / "runs" / f"n{n}-seed{seed}-{name}"
                 out.mkdir(parents=True)
@@ -479,6 +480,8 @@ def main(argv):
     parser.add_argument("--tune", nargs="*", default=None, metavar="VARIANT")
     parser.add_argument("--tune-seeds", type=int, nargs="+", default=[TUNE_SEED],
                         help="seeds of --tune's draws (never the benchmark's 0-2)")
+    parser.add_argument("--tune-val", type=int, default=TUNE_VAL,
+                        help="validation photos per class of --tune's draws")
     parser.add_argument("--tune-section", default=None,
                         help="RESULTS.md section of --tune (default: by N)")
     parser.add_argument("--section", default="transfer_real",
@@ -494,11 +497,11 @@ def main(argv):
     if args.tune is not None:
         from benchmarks._common import machine, publish
 
-        rows = tune(args.n, args.tune or list(TUNE_VARIANTS), args.tune_seeds)
+        rows = tune(args.n, args.tune or list(TUNE_VARIANTS), args.tune_seeds, args.tune_val)
         header = [f"## Choosing tlkit's transfer defaults, N={' '.join(map(str, args.n))} "
                   "(benchmarks/transfer_real.py --tune)", "",
                   f"Machine: {machine()}. Seeds {', '.join(map(str, args.tune_seeds))}, "
-                  f"{TUNE_VAL} validation photos per "
+                  f"{args.tune_val} validation photos per "
                   "class drawn from the training file; scored on validation only. "
                   "`--backbone mobilenet --weights imagenet` plus the flags.", ""]
         return publish(args.tune_section or f"transfer_real_tune_n{'_'.join(map(str, args.n))}",
