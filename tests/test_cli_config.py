@@ -3,7 +3,6 @@ choices, and a flag overrides what `--config` loaded (both ways for an on/off se
 
 import dataclasses
 import json
-import typing
 from types import SimpleNamespace
 
 import click
@@ -163,7 +162,7 @@ def test_choices_are_the_configs_constants_and_the_validation_agrees(tmp_path):
 
 def test_every_on_off_setting_has_a_switch_back():
     for name, option in setting_options().items():
-        if bool in (typing.get_args(FIELDS[name][1].type) or (FIELDS[name][1].type,)):
+        if FIELDS[name][1].type is bool:
             assert option.is_flag and option.secondary_opts, name
 
 
@@ -184,8 +183,7 @@ def test_each_flag_sets_its_setting(fit_calls, tmp_path, name):
     assert getattr(getattr(config, section) if section else config, name) == expected
 
 
-@pytest.mark.parametrize("name", sorted(n for n, (_, f) in FIELDS.items()
-                                         if bool in (typing.get_args(f.type) or (f.type,))))
+@pytest.mark.parametrize("name", sorted(n for n, (_, f) in FIELDS.items() if f.type is bool))
 def test_a_flag_switches_a_loaded_on_off_setting_both_ways(fit_calls, tmp_path, name):
     section, field = FIELDS[name]
     flag_on, flag_off = setting_options()[name].opts[0], setting_options()[name].secondary_opts[0]

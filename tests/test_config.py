@@ -250,32 +250,6 @@ def test_path_valued_settings_save_and_load(tmp_path):
     assert loaded == config
 
 
-def test_auto_fine_tune_cache_follows_the_images_per_class():
-    from tlkit.config import FINE_TUNE_CACHE_MIN_IMAGES, FINE_TUNE_CACHE_VIEWS
-    from tlkit.data import DataSurvey
-
-    config = build_config(data_dir="photos", backbone="mobilenet")
-    many = resolve_config(config, DataSurvey(FINE_TUNE_CACHE_MIN_IMAGES, 28), notes := [])
-    assert many.train.fine_tune_cache is True
-    assert many.train.cached_views == FINE_TUNE_CACHE_VIEWS
-    assert any("cached activations" in note for note in notes)
-    few = resolve_config(config, DataSurvey(FINE_TUNE_CACHE_MIN_IMAGES - 1, 28))
-    assert (few.train.fine_tune_cache, few.train.cached_views) == (False, 1)
-    assert resolve_config(config).train.fine_tune_cache is False  # no survey
-    # Nothing to fine-tune: a head only, or a network trained from scratch.
-    head = build_config(data_dir="photos", backbone="mobilenet", fine_tune_epochs=0)
-    assert resolve_config(head, DataSurvey(1000, 28)).train.cached_views == 1
-    scratch = build_config(data_dir="photos", backbone="scratch")
-    assert resolve_config(scratch, DataSurvey(1000, 28)).train.fine_tune_cache is False
-    # Given settings win over the survey.
-    given = build_config(data_dir="photos", backbone="mobilenet", fine_tune_cache=False,
-                         cached_views=2)
-    resolved = resolve_config(given, DataSurvey(1000, 28)).train
-    assert (resolved.fine_tune_cache, resolved.cached_views) == (False, 2)
-    views = build_config(data_dir="photos", backbone="mobilenet", cached_views=1)
-    assert resolve_config(views, DataSurvey(1000, 28)).train.cached_views == 1
-
-
 def test_auto_backbone_and_image_size_follow_the_data():
     from tlkit.data import DataSurvey
 

@@ -28,8 +28,7 @@ import numpy as np
 
 from tlkit.augment import build_augmenter
 from tlkit.backbones import get_backbone, unfreeze_groups
-from tlkit.config import (FINE_TUNE_CACHE_MIN_IMAGES, FINE_TUNE_CACHE_VIEWS,
-                          MIN_PRETRAINED_INPUT, MIN_PRETRAINED_SIDE, PRETRAINED_BACKBONE,
+from tlkit.config import (MIN_PRETRAINED_INPUT, MIN_PRETRAINED_SIDE, PRETRAINED_BACKBONE,
                           FitConfig, build_config)
 from tlkit.data import load_image_data, make_dataset, survey_folder
 from tlkit.doctor import split_leaks
@@ -519,12 +518,8 @@ def resolve_config(config, survey=None, notes=None):
     if train.unfreeze == "auto":
         fine_tune = pretrained and train.fine_tune_epochs != 0
         train = dataclasses.replace(train, unfreeze=1 if fine_tune else 0)
-    if train.fine_tune_cache == "auto":
-        train = dataclasses.replace(
-            train, fine_tune_cache=_auto_fine_tune_cache(train, pretrained, survey, notes))
-    if train.cached_views == "auto":
-        train = dataclasses.replace(
-            train, cached_views=FINE_TUNE_CACHE_VIEWS if train.fine_tune_cache else 1)
+    if train.cached_views == "auto":  # run configs written before the default was 1
+        train = dataclasses.replace(train, cached_views=1)
     group_names = [name for name, _ in spec.unfreeze_groups]
     if pretrained and train.unfreeze > len(group_names):
         raise ConfigError(
@@ -560,18 +555,6 @@ def _auto_backbone(survey, notes):
     notes.append(f"backbone: {PRETRAINED_BACKBONE} with ImageNet weights (the images are "
                  f"{survey.image_side} px: transfer learning)")
     return PRETRAINED_BACKBONE
-
-
-def _auto_fine_tune_cache(train, pretrained, survey, notes):
-    fine_tunes = pretrained and bool(train.unfreeze or train.stages)
-    if not fine_tunes or survey is None:
-        return False
-    if survey.images_per_class < FINE_TUNE_CACHE_MIN_IMAGES:
-        return False
-    notes.append(f"fine-tuning on cached activations with {FINE_TUNE_CACHE_VIEWS} augmented "
-                 f"views (the smallest class has {survey.images_per_class} images, "
-                 f">= {FINE_TUNE_CACHE_MIN_IMAGES}; with fewer, fixed views overfit)")
-    return True
 
 
 def _auto_image_size(spec, survey, notes):

@@ -98,15 +98,9 @@ def _setting_flags(field):
     """The click declarations of a config field's option: `--x` (bool: `--x/--no-x`),
     aliases from its `flags` metadata; `()` for a field set another way (DATA_DIR, -q)."""
     flags = field.metadata.get("flags", (f"--{field.name.replace('_', '-')}",))
-    if _is_switch(field) and flags and "/" not in flags[0]:
+    if field.type is bool and flags and "/" not in flags[0]:
         flags = (f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:])
     return flags
-
-
-def _is_switch(field):
-    """Whether a config field is on/off (`bool`, or `bool | str` with "auto" when not given):
-    an option `--x/--no-x`."""
-    return bool in (typing.get_args(field.type) or (field.type,))
 
 
 def _shown(field):
@@ -159,7 +153,7 @@ def _field_option(field, with_default=False):
     """The option of a config dataclass field (see `_setting_option`)."""
     kwargs = {"default": field.default if with_default else None,
               "help": f"{field.metadata['help']} [default: {_shown(field)}]"}
-    if not _is_switch(field):
+    if field.type is not bool:
         kwargs["type"] = _click_type(field)
     return click.option(*_setting_flags(field), field.name, **kwargs)
 

@@ -37,12 +37,6 @@ DISTRIBUTE_MODES = ("auto", "none", "mirrored", "multi-worker")
 JIT_MODES = ("auto", "on", "off")
 FLIP_CHOICES = ("auto", *FLIP_MODES)
 CLASS_WEIGHT_MODES = ("none", "auto")
-# `fine_tune_cache="auto"`: on from this many images in the smallest class, with
-# FINE_TUNE_CACHE_VIEWS augmented views (benchmarks/transfer_real.py --tune, validation only:
-# at 250 photos per class, seeds 100-102, see RESULTS.md; off at 10 and 50, where fixed
-# views overfit).
-FINE_TUNE_CACHE_MIN_IMAGES = 250
-FINE_TUNE_CACHE_VIEWS = 4
 AUDIT_METHODS = ("self_confidence", "class_self_confidence", "confident_joint", "noise_rate")
 
 # Settings whose resolved value depends on the machine (a GPU's `jit="on"` compiles XLA on a
@@ -218,18 +212,15 @@ class TrainConfig:
                                  choices=CLASS_WEIGHT_MODES)
     feature_cache: bool = _setting(True, "Train the head on cached backbone features while the "
                                    "backbone is frozen.")
-    # transfer_real --tune: off 0.773 vs on 0.650 at N=10, 0.803 vs 0.770 at N=50 (fixed views
-    # overfit); at N=250 on with 4 views: see FINE_TUNE_CACHE_MIN_IMAGES
-    fine_tune_cache: bool | str = _setting(
-        "auto", "Train unfreezing stages on cached activations of the frozen layers below "
-        "them (the head stage's views), when they fit in memory: several times faster per "
-        "epoch, but fixed augmented views overfit small sets.",
-        shown=f"auto: on when the smallest class has {FINE_TUNE_CACHE_MIN_IMAGES}+ images",
-        flags=("--fine-tune-cache/--no-fine-tune-cache",))
-    cached_views: int | str = _setting("auto", "Augmented views per image in the feature "
-                                       "cache (benchmarks/transfer_real.py --tune).",
-                                       shown=f"auto: {FINE_TUNE_CACHE_VIEWS} with the "
-                                       "fine-tune cache, else 1")
+    # transfer_real --tune: 0.650 vs 0.773 at N=10, 0.770 vs 0.803 (fixed views overfit);
+    # at N=250 with 4 views 0.834 vs 0.844 (100 validation photos per class, seeds 103-105)
+    fine_tune_cache: bool = _setting(False, "Train unfreezing stages on cached activations of "
+                                     "the frozen layers below them (the head stage's views), "
+                                     "when they fit in memory: faster per epoch, but the fixed "
+                                     "augmented views overfit small sets.")
+    cached_views: int | str = _setting(1, "Augmented views per image in the feature cache "
+                                       "(benchmarks/transfer_real.py --tune; 'auto' in older "
+                                       "run configs means 1).")
     feature_cache_gb: float = _setting(5.0, "Size cap of the feature cache folder, in GiB.")
     tensorboard: bool = _setting(False, "Write TensorBoard logs to the run folder's "
                                  "tensorboard/ (needs pip install tensorboard).")
@@ -264,8 +255,7 @@ class TrainConfig:
         check_choice("class_weight", self.class_weight, CLASS_WEIGHT_MODES)
         check_bool("tensorboard", self.tensorboard)
         check_bool("feature_cache", self.feature_cache)
-        if self.fine_tune_cache != "auto":
-            check_bool("fine_tune_cache", self.fine_tune_cache)
+        check_bool("fine_tune_cache", self.fine_tune_cache)
         check_number("steps_per_execution", self.steps_per_execution, 1, integer=True)
         check_choice("distribute", self.distribute, DISTRIBUTE_MODES)
         check_bool("mixed_precision", self.mixed_precision)
