@@ -895,10 +895,9 @@ def balanced_label_weights(label_matrix):
     """Multi-label loss weights `(2, K)`: per label, `n / (2 * absent)` where it is absent
     (row 0) and `n / (2 * present)` where present (row 1), so a rare label's few images
     weigh as much in its term of the loss as the many without it."""
-    present = (np.asarray(label_matrix) > 0.5).sum(axis=0).astype(np.float64)
-    n = len(label_matrix)
-    counts = np.stack([n - present, present])
-    return (n / (2 * np.maximum(counts, 1))).astype(np.float32)
+    present = np.asarray(label_matrix) > 0.5
+    return np.stack([balanced_class_weights(column, 2) for column in present.T.astype(int)],
+                    axis=1)
 
 
 def _make_run_dir(config):

@@ -280,12 +280,11 @@ def _losses(labels, probabilities, weights=None):
     the label is absent, row 1 where it is present."""
     if labels.shape.rank == 2:
         targets = tf.cast(labels, probabilities.dtype)
-        if weights is None:
-            return keras.losses.binary_crossentropy(targets, probabilities)
         terms = keras.ops.binary_crossentropy(targets, probabilities)
-        weights = tf.cast(weights, terms.dtype)
-        scale = weights[0] + targets * (weights[1] - weights[0])
-        return tf.reduce_mean(terms * scale, axis=-1)
+        if weights is not None:
+            weights = tf.cast(weights, terms.dtype)
+            terms = terms * (weights[0] + targets * (weights[1] - weights[0]))
+        return tf.reduce_mean(terms, axis=-1)
     losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
     if weights is None:
         return losses
