@@ -70,6 +70,37 @@ def test_predict_is_quiet_unless_asked(fitted, ask):
         assert TF_LOG_LINE.search(done.stderr), done.stderr
 
 
+def test_a_command_exits_without_a_final_garbage_collection(fitted):
+    """Python's last collection walks everything TensorFlow made (0.8 s of CPU per command,
+    seconds on a loaded machine). The CPU the process spends after its last exit handler,
+    read from /proc at a marker line and from wait4 at its exit, stays small."""
+    base, _ = fitted
+    image = next((base / "shapes" / "circle").iterdir())
+    marker = ("import atexit; atexit.register(lambda: print('EXITING', flush=True)); "
+              "from tlkit.cli import main; main()")
+    process = subprocess.Popen([sys.executable, "-c", marker, "predict", str(image), "--model",
+                                str(base / "exports" / "shapes")], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("EXITING"):
+                with open(f"/proc/{process.pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                at_marker = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                break
+        else:
+            raise AssertionError(f"no exit marker: {lines}")
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        process.kill()
+        process.stdout.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "circle" in "".join(lines) or "square" in "".join(lines)
+    assert usage.ru_utime + usage.ru_stime - at_marker < 0.3
+
+
 def test_import_tensorflow_passes_on_other_stderr_lines():
     from tlkit.runtime import _shown_lines
 
