@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated image folders, the bundled digits, quiet TensorFlow."""
 
 import fcntl
+import gc
 import os
 import struct
 import sys
@@ -23,6 +24,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks.mobilenet_weights makes the ImageNet weights
 DIGITS = REPO / "data" / "digits"
+
+
+def pytest_unconfigure(config):
+    """Each pytest process exits without Python's final collection of everything TensorFlow
+    made, as the `tlkit` command does."""
+    gc.freeze()
 
 
 def make_class_image(label, index, size=16, seed=0):
