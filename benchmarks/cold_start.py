@@ -9,7 +9,8 @@ Every measurement runs in a fresh Python process, as a user's command does:
   pass (`Classifier.predict_arrays`, the first call of `predict_images`), then
   `Classifier.predict([photo])` and printing its line (now warm: what the command adds
   around decoding and the forward pass). The process's wall time less the interpreter start
-  and these stages is process exit, mostly TensorFlow's teardown;
+  and these stages is process exit (it skips Python's final garbage collection, as the
+  command does);
 - end to end: the wall time of the real `tlkit predict photo.jpg --model EXPORT` command;
 - plain TensorFlow: the wall time of a script that imports TensorFlow, loads the same export
   and calls `serving_default` on the file's bytes, for reference;
@@ -45,6 +46,8 @@ import json, sys, time
 export, photo = sys.argv[1:]
 stamps = [time.perf_counter()]
 import tlkit.cli
+from tlkit.runtime import exit_without_final_collection
+exit_without_final_collection()  # as the command does
 stamps.append(time.perf_counter())
 import tensorflow
 stamps.append(time.perf_counter())
@@ -157,7 +160,7 @@ def main():
     lines += [f"| {stage} | {seconds:.3f} | {seconds / total:.0%} |"
               for stage, seconds in parts.items()]
     lines += [
-        f"| process exit (TensorFlow's teardown) | {exit_seconds:.3f} | "
+        f"| process exit | {exit_seconds:.3f} | "
         f"{exit_seconds / total:.0%} |",
         f"| **breakdown process, wall** | **{total:.2f}** | 100% |",
         f"| end to end: `tlkit predict photo.jpg --model EXPORT`, wall | "

@@ -9,11 +9,9 @@ and help texts are written there, once); the options several commands share (`--
 `--output-dir`, `--format`) are decorators below, with one meaning everywhere.
 """
 
-import atexit
 import csv
 import dataclasses
 import functools
-import gc
 import json
 import re
 import sys
@@ -22,7 +20,8 @@ from pathlib import Path
 
 import click
 
-from tlkit.runtime import TF_LOGS_ENV, __version__, import_tensorflow, show_tensorflow_logs
+from tlkit.runtime import (TF_LOGS_ENV, __version__, exit_without_final_collection,
+                           import_tensorflow, show_tensorflow_logs)
 from tlkit.config import AuditConfig, FitConfig
 
 
@@ -233,12 +232,7 @@ def main(verbose):
     """
     if verbose:
         show_tensorflow_logs()
-    # The last exit handler: Python's final garbage collection walks every object TensorFlow
-    # and Keras made, 0.8 s of CPU at each command's exit (several seconds on a loaded
-    # machine, which can keep a stopped `tlkit serve` from exiting). Frozen objects are left
-    # to the OS; files and streams are still flushed and closed.
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
+    exit_without_final_collection()
 
 
 @main.command(cls=_SectionedCommand)
