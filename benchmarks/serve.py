@@ -51,6 +51,7 @@ from PIL import Image  # noqa: E402
 from tensorflow_serving.apis import predict_pb2  # noqa: E402
 
 from benchmarks._common import machine, publish  # noqa: E402
+from tlkit.config import ServeConfig  # noqa: E402
 from tlkit.export import export_classifier  # noqa: E402
 from tlkit.models import build_classifier  # noqa: E402
 
@@ -63,6 +64,7 @@ IMAGES = 64
 CLASSES = [f"class_{i}" for i in range(10)]
 GOAL = 0.8  # served / raw for the scratch CNN at 16 clients, REST and gRPC
 GOAL_CLIENTS = 16
+SERVING = ServeConfig()  # tlkit serve's defaults
 PAIRED_BATCH = GOAL_CLIENTS // 2  # one batch in flight while the next fills
 WRK_SCRIPT = """
 local bodies, requests, i = {}, {}, 0
@@ -171,14 +173,14 @@ class Server:
     """`tlkit serve` in a subprocess on free ports, with tlkit from the folder `source` when
     given (otherwise as this process finds it)."""
 
-    def __init__(self, export, source=None):
+    def __init__(self, export, source=None, options=()):
         env = dict(os.environ)
         if source is not None:  # tlkit imported from that tree first
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(source)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tlkit.cli", "serve", "--model", str(export), "--port", "0",
-             "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+             "--grpc-port", "0", *options], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env=env)
         ports = {}
         for line in self.process.stdout:
@@ -198,7 +200,8 @@ class Server:
         return int(images), int(passes)
 
 
-def measure(work, backbone, size, ways=("REST", "gRPC"), counts=CLIENTS, source=None):
+def measure(work, backbone, size, ways=("REST", "gRPC"), counts=CLIENTS, source=None,
+            options=()):
     """One export served and measured under each of `ways` and client `counts`."""
     keras.utils.set_random_seed(0)
     model = build_classifier(backbone, len(CLASSES), size, weights="none")
@@ -216,7 +219,7 @@ def measure(work, backbone, size, ways=("REST", "gRPC"), counts=CLIENTS, source=
     ceiling = Raw(export, images, RAW_BATCH)
     paired = Raw(export, images, PAIRED_BATCH)
     rows, sent = [], 0
-    server = Server(export, source)
+    server = Server(export, source, options)
     try:
         sent += wrk(server.rest_url, folder, GOAL_CLIENTS, 1)[0]  # warm-up
         before = ceiling.rate()
@@ -263,6 +266,8 @@ def parse_args(argv=None):
     parser.add_argument("--server-path", type=Path,
                         help="run the server with tlkit from this source tree (the folder "
                              "holding tlkit/); only prints [default: this tlkit]")
+    parser.add_argument("--batch-timeout-ms", type=float,
+                        help="the server's --batch-timeout-ms; only prints [default: its own]")
     args = parser.parse_args(argv)
     if args.clients is not None and min(args.clients) < 1:
         parser.error(f"--clients must be at least 1. Received: {args.clients}")
@@ -279,11 +284,13 @@ def main(argv=None):
     ways = tuple(args.way or ("REST", "gRPC"))
     counts = tuple(args.clients or CLIENTS)
     partial = ((len(chosen), ways, counts) != (len(CASES), ("REST", "gRPC"), CLIENTS)
-               or args.server_path is not None)
+               or args.server_path is not None or args.batch_timeout_ms is not None)
+    options = (() if args.batch_timeout_ms is None
+               else ("--batch-timeout-ms", str(args.batch_timeout_ms)))
     work = Path(tempfile.mkdtemp(prefix="tlkit-serve-"))
     load, started = os.getloadavg()[0], time.perf_counter()
     try:
-        cases = [measure(work / case[0], *case, ways, counts, args.server_path)
+        cases = [measure(work / case[0], *case, ways, counts, args.server_path, options)
                  for case in chosen]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -298,7 +305,8 @@ def main(argv=None):
         f"soon as it has the answer, for {SECONDS} s after a warm-up; exports with random "
         "weights. Load from compiled generators, not Python: `wrk` (REST, JSON with base64) "
         "and `h2load` (gRPC `Predict`, one HTTP/2 connection per client). `tlkit serve` runs "
-        "with its defaults (batches of up to 32 images, 2 ms window) in its own process. "
+        f"with its defaults (batches of up to {SERVING.max_batch_size} images, a "
+        f"{SERVING.batch_timeout_ms:g} ms window) in its own process. "
         f"raw: the export's `serving_default` in-process on batches of {RAW_BATCH} (no "
         f"server), {RAW_SECONDS} s before and after each served measurement; served / raw "
         "compares each with the mean of those two, as other work on the machine drifts. "

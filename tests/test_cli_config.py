@@ -253,3 +253,33 @@ def test_fit_help_lists_the_settings_by_section():
     model = text[text.index("Model options:"):text.index("Training options:")]
     assert "--augment [none|light|standard|heavy]" in model and "[default: standard]" in model
     assert "--feature-cache-gb FLOAT" in text and "--tensorboard / --no-tensorboard" in text
+
+
+def test_serve_takes_its_flags_and_defaults_from_serve_config():
+    import inspect
+
+    from tlkit.config import ServeConfig
+    from tlkit.serve import ModelServer, ServeLimits
+
+    flags = {p.name: p for p in main.commands["serve"].params if isinstance(p, click.Option)}
+    defaults = ServeConfig()
+    for field in dataclasses.fields(ServeConfig):
+        assert flags[field.name].default is None, field.name  # not given: the config's
+        shown = field.metadata.get("shown", str(field.default))
+        assert f"[default: {shown}]" in flags[field.name].help, field.name
+    server = inspect.signature(ModelServer).parameters
+    for name in ("name", "host", "port", "grpc_port", "max_batch_size", "batch_timeout_ms"):
+        assert server[name].default == getattr(defaults, name), name
+    assert ServeLimits().max_request_bytes == defaults.max_request_bytes
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--port", "70000", "`--port` must be an integer >= 0 and <= 65535. Received: --port "
+                        "70000"),
+    ("--batch-timeout-ms", "-1", "`--batch-timeout-ms` must be a number >= 0."),
+    ("--max-request-bytes", "10", "`--max-request-bytes` must be an integer >= 1024."),
+])
+def test_serve_refuses_a_bad_flag_naming_it(tmp_path, flag, value, message):
+    done = CliRunner().invoke(main, ["serve", "--export-dir", str(tmp_path), flag, value])
+    assert done.exit_code == 1
+    assert message in done.output

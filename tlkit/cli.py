@@ -22,7 +22,7 @@ import click
 
 from tlkit.runtime import (TF_LOGS_ENV, __version__, exit_without_final_collection,
                            import_tensorflow, show_tensorflow_logs)
-from tlkit.config import AuditConfig, FitConfig
+from tlkit.config import AuditConfig, FitConfig, ServeConfig
 
 
 def _user_errors(command):
@@ -545,25 +545,10 @@ def evaluate(data_dir, labels, model_path, export_dir, top_k, output_dir, output
 
 @main.command()
 @model_option
-@click.option("--name", help="Model name in URLs and gRPC requests [default: the export's "
-              "folder name].")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; 0.0.0.0 serves other machines too.")
-@click.option("--port", default=8501, show_default=True, type=click.IntRange(0, 65535),
-              help="REST port (0: any free port).")
-@click.option("--grpc-port", default=8500, show_default=True, type=click.IntRange(0, 65535),
-              help="gRPC port (0: any free port).")
+@_setting_options(dataclasses.fields(ServeConfig))
 @click.option("--no-grpc", is_flag=True, help="Serve REST only (gRPC needs tlkit[serve]).")
-@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Most images per forward pass when requests are batched.")
-@click.option("--batch-timeout-ms", default=2.0, show_default=True,
-              type=click.FloatRange(min=0), help="Longest wait of a request for others to "
-              "batch with.")
-@click.option("--max-request-bytes", default=32 * 1024 * 1024, show_default=True,
-              type=click.IntRange(min=1024), help="Largest request body accepted.")
 @_user_errors
-def serve(model_path, export_dir, name, host, port, grpc_port, no_grpc, max_batch_size, batch_timeout_ms,
-          max_request_bytes):
+def serve(model_path, export_dir, no_grpc, **options):
     """Serve an export with TF Serving's REST and gRPC APIs (for teams without TF Serving).
 
     \b
@@ -589,17 +574,20 @@ def serve(model_path, export_dir, name, host, port, grpc_port, no_grpc, max_batc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
-    server = ModelServer(model_path, export_dir=export_dir, name=name, host=host, port=port,
-                         grpc_port=None if no_grpc else grpc_port,
-                         max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
-                         limits=ServeLimits(max_request_bytes=max_request_bytes)).start()
+    settings = ServeConfig(**{k: v for k, v in options.items() if v is not None})
+    server = ModelServer(model_path, export_dir=export_dir, name=settings.name,
+                         host=settings.host, port=settings.port,
+                         grpc_port=None if no_grpc else settings.grpc_port,
+                         max_batch_size=settings.max_batch_size,
+                         batch_timeout_ms=settings.batch_timeout_ms,
+                         limits=ServeLimits(max_request_bytes=settings.max_request_bytes)).start()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     model = server.model
     click.echo(f"Serving {model.name} version {model.version} ({model.path})")
     click.echo(f"  REST: {server.rest_url}")
     if server.grpc_port is not None:
-        click.echo(f"  gRPC: {host}:{server.grpc_port}")
+        click.echo(f"  gRPC: {settings.host}:{server.grpc_port}")
     try:  # a Ctrl-C right after the line below still stops the server cleanly
         click.echo("Ctrl-C stops.")
         while not stopped.wait(0.5):

@@ -371,6 +371,43 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
              "export": ExportConfig}
 
 
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # largest REST body or gRPC message tlkit serve takes
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How `tlkit serve` (`tlkit.serve.ModelServer`) listens and batches. The bounds on
+    clients (timeouts, connections, queue) are `tlkit.serve.ServeLimits`."""
+
+    name: str | None = _setting(None, "Model name in URLs and gRPC requests.",
+                                shown="the export's folder name")
+    host: str = _setting("127.0.0.1", "Address to bind; 0.0.0.0 serves other machines too.")
+    port: int = _setting(8501, "REST port (0: any free port).")
+    grpc_port: int | None = _setting(8500, "gRPC port (0: any free port).")
+    max_batch_size: int = _setting(32, "Most images per forward pass when requests are "
+                                   "batched.")
+    batch_timeout_ms: float = _setting(
+        0.0, "Longest wait of a request, when the model is idle, for others to batch with. "
+        "With 0 a request starts a forward pass at once, and requests arriving during it "
+        "form the next batch: about twice the requests/s of a 2 ms wait for one client, "
+        "and no fewer for 16 or 64 (benchmarks/serve.py).")
+    max_request_bytes: int = _setting(DEFAULT_MAX_REQUEST_BYTES, "Largest request body "
+                                      "(REST) or message (gRPC) accepted.",
+                                      shown=f"{DEFAULT_MAX_REQUEST_BYTES} (32 MiB)")
+
+    def __post_init__(self):
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise ConfigError(f"`name` must be a non-empty string. Received: name={self.name!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"`host` must be an address. Received: host={self.host!r}")
+        check_number("port", self.port, 0, 65535, integer=True)
+        if self.grpc_port is not None:
+            check_number("grpc_port", self.grpc_port, 0, 65535, integer=True)
+        check_number("max_batch_size", self.max_batch_size, 1, integer=True)
+        check_number("batch_timeout_ms", self.batch_timeout_ms, 0)
+        check_number("max_request_bytes", self.max_request_bytes, 1024, integer=True)
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """What `tlkit.audit.audit_labels` computes: the frozen backbone's features, the k-fold

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 from PIL import Image
 
+from tlkit.config import DEFAULT_MAX_REQUEST_BYTES, ServeConfig
 from tlkit.errors import ConfigError
 from tlkit.export import resolve_export
 from tlkit.serve.grpc_api import INSTALL_HINT, GrpcServer, grpc_modules
@@ -19,7 +20,6 @@ from tlkit.validation import check_number
 
 log = logging.getLogger("tlkit.serve")
 
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _SPARE_FILES = 256  # descriptors beyond max_connections: the model, gRPC, logs
 _SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while another waits
 
@@ -82,6 +82,9 @@ class ServeLimits:
                 check_number(field.name, value, 0, 3600, low_open=True)
 
 
+_DEFAULTS = ServeConfig()
+
+
 class ModelServer:
     """Serves one tlkit export over REST and gRPC with TF Serving's APIs.
 
@@ -97,8 +100,12 @@ class ModelServer:
         port: REST port (0: any free port; see `rest_port` after `start`).
         grpc_port: gRPC port (0: any free port), or None for no gRPC.
         max_batch_size: most images in one forward pass.
-        batch_timeout_ms: longest wait of a request for others to batch with.
+        batch_timeout_ms: longest wait of a request, when the model is idle, for others to
+            batch with (0: none; requests that arrive during a forward pass form the next
+            batch).
         limits: a `ServeLimits` (default: `ServeLimits()`).
+
+    The defaults are `tlkit.config.ServeConfig`'s, which `tlkit serve` shows.
 
     Example:
 
@@ -106,14 +113,12 @@ class ModelServer:
     ...     print(server.rest_url)
     """
 
-    def __init__(self, model_path=None, *, export_dir="saved_models", name=None,
-                 host="127.0.0.1", port=8501, grpc_port=8500, max_batch_size=32,
-                 batch_timeout_ms=2.0, limits=None):
-        check_number("port", port, 0, 65535, integer=True)
-        if grpc_port is not None:
-            check_number("grpc_port", grpc_port, 0, 65535, integer=True)
-        check_number("max_batch_size", max_batch_size, 1, integer=True)
-        check_number("batch_timeout_ms", batch_timeout_ms, 0)
+    def __init__(self, model_path=None, *, export_dir="saved_models", name=_DEFAULTS.name,
+                 host=_DEFAULTS.host, port=_DEFAULTS.port, grpc_port=_DEFAULTS.grpc_port,
+                 max_batch_size=_DEFAULTS.max_batch_size,
+                 batch_timeout_ms=_DEFAULTS.batch_timeout_ms, limits=None):
+        ServeConfig(name=name, host=host, port=port, grpc_port=grpc_port,
+                    max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms)  # checks
         limits = ServeLimits() if limits is None else limits
         if not isinstance(limits, ServeLimits):
             raise ConfigError(f"`limits` must be a ServeLimits. Received: limits={limits!r}")
