@@ -1,7 +1,8 @@
 """`tlkit serve` under 1, 16 and 64 concurrent clients, against the raw signature forward.
 
 Each client sends one JPEG per request, over loopback, and sends the next as soon as the
-answer is back; the server is `tlkit serve` with its defaults, in a process of its own.
+answer is back; the server is `tlkit serve` with its defaults, in a process of its own,
+started anew for each row (so the mean batch it reports at its end is that row's).
 The load comes from Debian's compiled generators, so the clients do not eat the two cores
 the server needs: `wrk` for REST (a Lua script rotates through the request bodies) and
 `h2load` (nghttp2) for gRPC, posting a framed `PredictRequest` to
@@ -11,15 +12,14 @@ every request was answered with a prediction.
 
 The ceiling, "raw": the export's `serving_default` called in-process on batches of 32 of
 the same encoded images (decoding and the forward pass, no server), and on one image at a
-time for the single-client case, and on batches of 8: what a server makes of 16 one-image
-clients when one batch runs while the next fills (at 16 clients the served batches average
-about 8), so a server with no cost of its own would reach that row's ratio. Two exports with random weights (offline): the scratch
-CNN at 32 px, where the cost per request of HTTP, JSON and base64 matters most, and
+time for the single-client case, and on batches of the size the server made at 16 clients
+(a server with no cost of its own would reach about that row's ratio). Two exports with
+random weights (offline): the scratch CNN at 32 px, where the cost per request of HTTP, JSON and base64 matters most, and
 MobileNetV2 at 160 px, where the forward pass does. Goal: REST and gRPC >= 0.8x raw for the
 scratch CNN at 16 clients.
 
 Needs: apt-get install -y wrk nghttp2-client.
-Run: python -m benchmarks.serve  (about 2 minutes on 2 CPU cores; rewrites its section of
+Run: python -m benchmarks.serve  (about 4 minutes on 2 CPU cores; rewrites its section of
 RESULTS.md). A part of it only prints its table, e.g. to compare two versions of the server,
 each run from its own source tree:
 python -m benchmarks.serve --case scratch --way gRPC --clients 16 --server-path /other/tree
@@ -65,7 +65,6 @@ CLASSES = [f"class_{i}" for i in range(10)]
 GOAL = 0.8  # served / raw for the scratch CNN at 16 clients, REST and gRPC
 GOAL_CLIENTS = 16
 SERVING = ServeConfig()  # tlkit serve's defaults
-PAIRED_BATCH = GOAL_CLIENTS // 2  # one batch in flight while the next fills
 WRK_SCRIPT = """
 local bodies, requests, i = {}, {}, 0
 init = function(args)
@@ -143,6 +142,7 @@ def _wrk_ms(out, percent):
 def h2load(port, body_file, clients, seconds, folder):
     """gRPC Predict through h2load: (requests, images/s, p50 ms, p99 ms)."""
     log = folder / f"h2load_{clients}.log"
+    log.unlink(missing_ok=True)  # h2load appends to a log file that is there
     out = subprocess.run(
         ["h2load", "-c", str(clients), "-m", "1", "-D", str(seconds),
          "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
@@ -158,6 +158,14 @@ def h2load(port, body_file, clients, seconds, folder):
     rate = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out).group(1))
     return len(latencies), rate, float(np.median(latencies)), float(np.percentile(latencies,
                                                                                    99))
+
+
+def load(way, server, folder, clients, seconds):
+    """`clients` clients of `way` (REST or gRPC) on `server` for `seconds`: (requests,
+    images/s, p50 ms, p99 ms)."""
+    if way == "REST":
+        return wrk(server.rest_url, folder, clients, seconds)
+    return h2load(server.grpc_port, folder / "predict.grpc", clients, seconds, folder)
 
 
 def grpc_body(image):
@@ -217,40 +225,38 @@ def measure(work, backbone, size, ways=("REST", "gRPC"), counts=CLIENTS, source=
     (folder / "predict.grpc").write_bytes(grpc_body(images[0]))
     single = Raw(export, images, 1).rate()[0]
     ceiling = Raw(export, images, RAW_BATCH)
-    paired = Raw(export, images, PAIRED_BATCH)
-    rows, sent = [], 0
-    server = Server(export, source, options)
-    try:
-        sent += wrk(server.rest_url, folder, GOAL_CLIENTS, 1)[0]  # warm-up
-        before = ceiling.rate()
-        raws, pairs = [before], [paired.rate()]
-        for way in ways:
-            for clients in counts:
+    rows = []
+    before = ceiling.rate()
+    raws = [before]
+    for way in ways:
+        for clients in counts:  # a server of its own, so its batches are this row's
+            server = Server(export, source, options)
+            try:
+                sent = load(way, server, folder, clients, 1)[0]  # warm-up
                 cpu = cpu_seconds(server.process.pid)
-                if way == "REST":
-                    result = wrk(server.rest_url, folder, clients, SECONDS)
-                else:
-                    result = h2load(server.grpc_port, folder / "predict.grpc", clients,
-                                    SECONDS, folder)
+                result = load(way, server, folder, clients, SECONDS)
                 cpu = 1000 * (cpu_seconds(server.process.pid) - cpu) / result[0]
                 sent += result[0]
-                after = ceiling.rate()
-                raws.append(after)
-                # the machine's other load drifts: compare with raw just before and after
-                rows.append((way, clients, result[1], (before[0] + after[0]) / 2, *result[2:],
-                             cpu))
-                before = after
-        pairs.append(paired.rate())
-    finally:
-        served, passes = server.stop()
-    if served < sent:
-        raise RuntimeError(f"{sent} requests were answered but only {served} images predicted")
+            finally:
+                served, passes = server.stop()
+            if served < sent:
+                raise RuntimeError(f"{sent} requests were answered but only {served} images "
+                                   "predicted")
+            after = ceiling.rate()
+            raws.append(after)
+            # the machine's other load drifts: compare with raw just before and after
+            rows.append((way, clients, result[1], (before[0] + after[0]) / 2, *result[2:],
+                         cpu, served / passes))
+            before = after
+    # the signature on batches of the size the server made at the goal's client count
+    paired = {}
+    for batch in sorted({max(1, round(row[-1])) for row in rows if row[1] == GOAL_CLIENTS}):
+        raw = Raw(export, images, batch)
+        paired[batch] = float(np.mean([raw.rate()[0] for _ in range(2)]))
     rates = [rate for rate, _ in raws]
     return {"backbone": backbone, "size": size, "raw": float(np.mean(rates)),
             "raw_spread": (min(rates), max(rates)), "raw_cpu": float(np.mean([c for _, c in raws])),
-            "single": single, "paired": float(np.mean([rate for rate, _ in pairs])),
-            "rows": rows,
-            "served": served, "passes": passes}
+            "single": single, "paired": paired, "rows": rows}
 
 
 def parse_args(argv=None):
@@ -306,38 +312,39 @@ def main(argv=None):
         "weights. Load from compiled generators, not Python: `wrk` (REST, JSON with base64) "
         "and `h2load` (gRPC `Predict`, one HTTP/2 connection per client). `tlkit serve` runs "
         f"with its defaults (batches of up to {SERVING.max_batch_size} images, a "
-        f"{SERVING.batch_timeout_ms:g} ms window) in its own process. "
+        f"{SERVING.batch_timeout_ms:g} ms window) in a process of its own for each row, "
+        "after a 1 s warm-up; mean batch: the images per forward pass it reports at the end. "
         f"raw: the export's `serving_default` in-process on batches of {RAW_BATCH} (no "
         f"server), {RAW_SECONDS} s before and after each served measurement; served / raw "
         "compares each with the mean of those two, as other work on the machine drifts. "
         "CPU ms/image: CPU time of the server process (of the raw loop's process for raw), "
         "all threads, per image; it shows the cost of serving even when other work shares "
-        "the cores. raw on batches of "
-        f"{PAIRED_BATCH}: the batches a server makes of {GOAL_CLIENTS} one-image clients when "
-        "one batch runs while the next fills, measured before and after the served ones: "
-        "with no cost of its own, a server would reach that row's ratio.",
+        "the cores. raw on batches of the mean batch served at "
+        f"{GOAL_CLIENTS} clients: what the signature itself does with batches of that size, "
+        "so about the ratio a server with no cost of its own would reach there.",
         "",
-        "| model | way | clients | images/s | served / raw | p50 ms | p99 ms | CPU ms/image |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | way | clients | images/s | served / raw | p50 ms | p99 ms | CPU ms/image "
+        "| mean batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     goal = {}
     for case in cases:
         name = f"{case['backbone']} {case['size']} px"
         ceiling = case["raw"]
         low, high = case["raw_spread"]
-        lines.append(f"| {name} | raw, batches of {RAW_BATCH} (mean of 7; {low:,.0f}-"
-                     f"{high:,.0f}) | | {ceiling:,.0f} | 1.00x | | | {case['raw_cpu']:.2f} |")
+        lines.append(f"| {name} | raw, batches of {RAW_BATCH} (mean of {len(case['rows']) + 1};"
+                     f" {low:,.0f}-{high:,.0f}) | | {ceiling:,.0f} | 1.00x | | | "
+                     f"{case['raw_cpu']:.2f} | {RAW_BATCH} |")
         lines.append(f"| {name} | raw, one image per call | | {case['single']:,.0f} | "
-                     f"{case['single'] / ceiling:.2f}x | | | |")
-        lines.append(f"| {name} | raw, batches of {PAIRED_BATCH} (mean of 2) | | "
-                     f"{case['paired']:,.0f} | {case['paired'] / ceiling:.2f}x | | | |")
-        for way, clients, rate, near, p50, p99, cpu in case["rows"]:
+                     f"{case['single'] / ceiling:.2f}x | | | | 1 |")
+        for batch, rate in case["paired"].items():
+            lines.append(f"| {name} | raw, batches of {batch} (served at {GOAL_CLIENTS} "
+                         f"clients; mean of 2) | | {rate:,.0f} | {rate / ceiling:.2f}x | | | | {batch} |")
+        for way, clients, rate, near, p50, p99, cpu, batch in case["rows"]:
             lines.append(f"| {name} | {way} | {clients} | {rate:,.0f} | {rate / near:.2f}x"
-                         f" | {p50:.1f} | {p99:.1f} | {cpu:.2f} |")
+                         f" | {p50:.1f} | {p99:.1f} | {cpu:.2f} | {batch:.1f} |")
             if case["backbone"] == "scratch" and clients == GOAL_CLIENTS:
                 goal[way] = rate / near
-        lines.append(f"| {name} | | | | | mean batch {case['served'] / case['passes']:.1f} "
-                     "images | | |")
     met = all(ratio >= GOAL for ratio in goal.values()) and len(goal) == 2
     if partial:
         print("\n".join(lines[6:]))
