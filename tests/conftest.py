@@ -71,6 +71,10 @@ def digits_dir():
     return DIGITS
 
 
+DIGITS_RUN = dict(backbone="scratch", image_size=16, epochs=4, test_split=0.2, augment="none",
+                  flip="none", verbose=0)  # the settings of `digits_run`
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """The scratch CNN trained on the bundled digits at 16 px for 4 epochs, with a 20% test
@@ -89,10 +93,8 @@ def digits_run(tmp_path_factory):
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (export / "saved_model.pb").is_file():
-            result = tlkit.fit(DIGITS, backbone="scratch", image_size=16, epochs=4,
-                               test_split=0.2, augment="none", flip="none", name="digits",
-                               export_dir=base / "saved_models", runs_dir=base / "runs",
-                               verbose=0)
+            result = tlkit.fit(DIGITS, name="digits", export_dir=base / "saved_models",
+                               runs_dir=base / "runs", **DIGITS_RUN)
             assert Path(result.export_path) == export
     (run_dir,) = (base / "runs" / "digits").iterdir()
     return SimpleNamespace(export_path=export, run_dir=run_dir)
