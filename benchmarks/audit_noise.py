@@ -29,6 +29,7 @@ training file), by precision and recall only: how the default was chosen.
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -267,12 +268,20 @@ FIGURE_SUSPECTS = 12
 def figure(seed=0, rate=0.10):
     """The README's picture: the whole `tlkit audit` command (its defaults, as a user runs
     it) on seed 0's folder at 10% noise, its audit.png copied to docs/; prints how many of
-    the suspects shown are flips and how many suggestions are the true class."""
+    the suspects shown are flips and how many suggestions are the true class; the picture
+    is written only when every one is a flip with its true class suggested, as the README
+    says."""
+    work = Path(tempfile.mkdtemp(prefix="audit_figure-"))
+    try:
+        return _figure(work, seed, rate)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _figure(work, seed, rate):
     import csv
-    import shutil
     import subprocess
 
-    work = Path(tempfile.mkdtemp(prefix="audit_figure-"))
     images, clean = draw_photos(seed)
     noisy, flipped = flip_labels(clean, rate, np.random.default_rng(10_000 + seed))
     folder = noisy_folder(work, f"seed{seed}-noise{rate}", images, noisy)
@@ -289,11 +298,15 @@ def figure(seed=0, rate=0.10):
     draw_index = [int(Path(row["file"]).stem) for row in shown]
     flips = sum(bool(flipped[i]) for i in draw_index)
     true = sum(row["suggested"] == CLASSES[clean[i]] for row, i in zip(shown, draw_index))
-    shutil.copyfile(out / "audit.png", FIGURE)
     print(f"`tlkit audit` took {seconds:.0f} s (process start to exit). Of its first "
           f"{len(shown)} suspects, {flips} are flipped labels and {true} suggestions are the "
-          f"true class. Wrote {FIGURE}.")
-    shutil.rmtree(work, ignore_errors=True)
+          "true class.")
+    if not flips == true == len(shown) == FIGURE_SUSPECTS:
+        print(f"Not written: the README says every suspect shown is a flip with its true "
+              f"class suggested. {FIGURE} is as it was.")
+        return 1
+    shutil.copyfile(out / "audit.png", FIGURE)
+    print(f"Wrote {FIGURE}.")
     return 0
 
 

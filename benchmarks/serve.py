@@ -275,6 +275,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-timeout-ms", type=float,
                         help="the server's --batch-timeout-ms; only prints [default: its own]")
     args = parser.parse_args(argv)
+    if args.batch_timeout_ms is not None and args.batch_timeout_ms < 0:
+        parser.error(f"--batch-timeout-ms must be at least 0. Received: {args.batch_timeout_ms}")
     if args.clients is not None and min(args.clients) < 1:
         parser.error(f"--clients must be at least 1. Received: {args.clients}")
     if args.server_path is not None and not (args.server_path / "tlkit").is_dir():

@@ -544,10 +544,12 @@ def image_features(files, backbone, weights, image_size, resize="squash", *, cac
                     dtype_policy=model.get_layer("backbone").dtype_policy.name)
     engine = FeatureEngine(model, verbose=verbose)
     started = time.perf_counter()
-    computed = split_features(model, split, split.digests, cache, settings,
-                              batch_size=batch_size, verbose=verbose, engine=engine)
-    images = split.images
-    decoded.cache.close()
+    try:
+        computed = split_features(model, split, split.digests, cache, settings,
+                                  batch_size=batch_size, verbose=verbose, engine=engine)
+        images = split.images
+    finally:  # a disk-mode cache's temporary file goes with it, also on Ctrl-C
+        decoded.cache.close()
     source = "from the cache" if computed.from_cache else "computed"
     if verbose:
         print(f"[audit] {spec.name} features of {len(usable)} images {source} in "

@@ -584,11 +584,11 @@ def serve(model_path, export_dir, no_grpc, **options):
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     model = server.model
-    click.echo(f"Serving {model.name} version {model.version} ({model.path})")
-    click.echo(f"  REST: {server.rest_url}")
-    if server.grpc_port is not None:
-        click.echo(f"  gRPC: {settings.host}:{server.grpc_port}")
-    try:  # a Ctrl-C right after the line below still stops the server cleanly
+    try:  # a Ctrl-C from here on stops the server cleanly
+        click.echo(f"Serving {model.name} version {model.version} ({model.path})")
+        click.echo(f"  REST: {server.rest_url}")
+        if server.grpc_port is not None:
+            click.echo(f"  gRPC: {settings.host}:{server.grpc_port}")
         click.echo("Ctrl-C stops.")
         while not stopped.wait(0.5):
             pass

@@ -398,8 +398,8 @@ class ServeConfig:
     def __post_init__(self):
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ConfigError(f"`name` must be a non-empty string. Received: name={self.name!r}")
-        if not isinstance(self.host, str) or not self.host:
-            raise ConfigError(f"`host` must be an address. Received: host={self.host!r}")
+        if not isinstance(self.host, str):  # "" binds every interface, as 0.0.0.0 does
+            raise ConfigError(f"`host` must be an address string. Received: host={self.host!r}")
         check_number("port", self.port, 0, 65535, integer=True)
         if self.grpc_port is not None:
             check_number("grpc_port", self.grpc_port, 0, 65535, integer=True)

@@ -39,11 +39,18 @@ if os.environ.get(TF_LOGS_ENV, "") in ("", "0") and _LOG_LEVEL_ENV not in os.env
 
 
 def exit_without_final_collection():
-    """Makes this process skip Python's final garbage collection at exit: `gc.freeze` as
-    the last exit handler. That collection walks every object TensorFlow and Keras made:
-    0.75-0.85 s of CPU at each command's exit, several seconds on a loaded machine (enough to
-    keep a stopped `tlkit serve` from exiting in time). Frozen objects are left to the
-    operating system; files and streams are still flushed and closed. Idempotent."""
+    """Makes this process skip Python's final garbage collection at exit. That collection
+    walks every object TensorFlow and Keras made: 0.75-0.85 s of CPU at each command's exit,
+    several seconds on a loaded machine (enough to keep a stopped `tlkit serve` from exiting
+    in time).
+
+    `gc.freeze` runs as an exit handler (exit handlers run in reverse order of registration,
+    so after those registered later, such as TensorFlow's, and before logging's flush and the
+    other handlers registered earlier); the final collection comes after all of them and
+    skips the frozen objects. Objects freed by reference counting are still finalized, so
+    files closed by their owner or by an exit handler are unaffected; an object caught in a
+    reference cycle is left to the operating system unfinalized, which is why tlkit closes
+    its files (and removes its temporary ones) explicitly. Idempotent."""
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
 

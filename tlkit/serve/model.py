@@ -190,7 +190,7 @@ class Batcher:
     more are refused with a 503.
     """
 
-    def __init__(self, model, max_batch_size=32, batch_timeout=0.002, max_queued=256):
+    def __init__(self, model, max_batch_size=32, batch_timeout=0.0, max_queued=256):
         self._model = model
         self._max = max_batch_size
         self._timeout = batch_timeout
