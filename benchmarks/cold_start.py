@@ -7,9 +7,10 @@ Every measurement runs in a fresh Python process, as a user's command does:
   tlkit.predict` on top, `tlkit.load(export)` (the SavedModel load), decoding one JPEG
   (`tlkit.images.load_image`: Pillow, then the first call of the traced resize), the forward
   pass (`Classifier.predict_arrays`, the first call of `predict_images`), then
-  `Classifier.predict([photo])` and printing its line (the photo's bytes go through the
-  export's `serving_default`, so this holds that signature's first call, TensorFlow's
-  optimisation of its decoding graph). The process's wall time less the interpreter start
+  `Classifier.predict([photo])` and printing its line (a call of up to one batch of files
+  decodes with Pillow and calls `predict_images`, both warm by then; a larger one sends the
+  bytes through `serving_default`, whose first call, TensorFlow optimising its decoding
+  graph, costs about 0.5 s). The process's wall time less the interpreter start
   and these stages is process exit (it skips Python's final garbage collection, as the
   command does);
 - end to end: the wall time of the real `tlkit predict photo.jpg --model EXPORT` command;
@@ -77,9 +78,9 @@ print(out["class_names"].numpy()[0].decode())
 
 STAGES = ("import tlkit.cli (click)", "import tensorflow", "import tlkit.predict (on top)",
           "tlkit.load(export)", "decode one JPEG (load_image)",
-          "forward pass (predict_arrays)", "Classifier.predict([photo]) and printing (serving_default's first call)")
+          "forward pass (predict_arrays)", "Classifier.predict([photo]) and printing")
 TLKIT_STAGES = ("import tlkit.cli (click)", "import tlkit.predict (on top)",
-                "decode one JPEG (load_image)", "Classifier.predict([photo]) and printing (serving_default's first call)")
+                "decode one JPEG (load_image)", "Classifier.predict([photo]) and printing")
 
 
 def wall(command):
@@ -154,9 +155,8 @@ def main():
         "",
         f"Scratch CNN export at {SIZE} px, one photo-like JPEG; every process is fresh; median "
         f"of {ROUNDS} rounds after a warm-up. The breakdown runs the command's steps in one "
-        "process with timestamps; the last step is `Classifier.predict` and printing: the "
-        "photo's bytes go through the export's `serving_default`, whose first call (the "
-        "graph's optimisation by TensorFlow) is most of it.",
+        "process with timestamps; the last step is `Classifier.predict` and printing (one "
+        "photo: decoded with Pillow, as the steps before it did).",
         "",
         "| stage | seconds | share of the breakdown process |",
         "| --- | --- | --- |",

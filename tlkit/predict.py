@@ -129,10 +129,15 @@ class Classifier:
         results = [Prediction(str(f)) for f in files]
         thresholds = np.asarray(self.thresholds, np.float32) if self.multi_label else None
 
+        # One batch's worth of files decodes faster with Pillow: the first call of
+        # serving_default (TensorFlow optimising its decoding graph) costs about 0.5 s, and
+        # the two cost the same per file (measured in fresh processes for 1-104 JPEGs of
+        # 400-1200 px, 16 and 160 px models; benchmarks/cold_start.py times one photo).
+        in_graph = len(files) > batch_size
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             for start in range(0, len(files), batch_size):
                 batch = files[start:start + batch_size]
-                for offset, row in enumerate(self._batch_probabilities(batch, pool)):
+                for offset, row in enumerate(self._batch_probabilities(batch, pool, in_graph)):
                     result = results[start + offset]
                     if isinstance(row, str):
                         result.error = row
@@ -146,15 +151,18 @@ class Classifier:
                                             for j in order if above[j]]
         return results
 
-    def _batch_probabilities(self, files, pool):
-        """Probabilities (or an error reason) per file. JPEG, PNG, GIF, BMP and WebP bytes go
-        through the export's own `serving_default` in one call (its decoding is bit-exact
-        with Pillow's, and batched); other formats, and every file of a batch the graph
-        refuses, are decoded one by one with Pillow, which also names what is wrong."""
-        blobs = list(pool.map(_read_bytes, files))
+    def _batch_probabilities(self, files, pool, in_graph=True):
+        """Probabilities (or an error reason) per file. With `in_graph`, JPEG, PNG, GIF, BMP
+        and WebP bytes go through the export's own `serving_default` in one call (its
+        decoding is bit-exact with Pillow's, and batched); other formats, every file of a
+        batch the graph refuses, and every file without `in_graph`, are decoded with Pillow
+        (in `pool`'s threads), which also names what is wrong."""
         rows = [None] * len(files)
-        graph = [i for i, blob in enumerate(blobs)
-                 if isinstance(blob, bytes) and blob.startswith(SERVING_FORMATS)]
+        graph = []
+        if in_graph:
+            blobs = list(pool.map(_read_bytes, files))
+            graph = [i for i, blob in enumerate(blobs)
+                     if isinstance(blob, bytes) and blob.startswith(SERVING_FORMATS)]
         if graph:
             try:
                 out = self._serve(image_bytes=tf.constant([blobs[i] for i in graph]))
