@@ -28,9 +28,11 @@ training file), by precision and recall only: how the default was chosen.
 """
 
 import argparse
+import csv
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -279,9 +281,6 @@ def figure(seed=0, rate=0.10):
 
 
 def _figure(work, seed, rate):
-    import csv
-    import subprocess
-
     images, clean = draw_photos(seed)
     noisy, flipped = flip_labels(clean, rate, np.random.default_rng(10_000 + seed))
     folder = noisy_folder(work, f"seed{seed}-noise{rate}", images, noisy)

@@ -14,8 +14,8 @@ The ceiling, "raw": the export's `serving_default` called in-process on batches 
 the same encoded images (decoding and the forward pass, no server), and on one image at a
 time for the single-client case, and on batches of the size the server made at 16 clients
 (a server with no cost of its own would reach about that row's ratio). Two exports with
-random weights (offline): the scratch CNN at 32 px, where the cost per request of HTTP, JSON and base64 matters most, and
-MobileNetV2 at 160 px, where the forward pass does. Goal: REST and gRPC >= 0.8x raw for the
+random weights (offline): the scratch CNN at 32 px, where the cost per request of HTTP, JSON
+and base64 matters most, and MobileNetV2 at 160 px, where the forward pass does. Goal: REST and gRPC >= 0.8x raw for the
 scratch CNN at 16 clients.
 
 Needs: apt-get install -y wrk nghttp2-client.
@@ -188,8 +188,8 @@ class Server:
                 [str(source)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tlkit.cli", "serve", "--model", str(export), "--port", "0",
-             "--grpc-port", "0", *options], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env=env)
+             "--grpc-port", "0", *options], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, env=env)
         ports = {}
         for line in self.process.stdout:
             if line.startswith("Ctrl-C"):
@@ -341,7 +341,8 @@ def main(argv=None):
                      f"{case['single'] / ceiling:.2f}x | | | | 1 |")
         for batch, rate in case["paired"].items():
             lines.append(f"| {name} | raw, batches of {batch} (served at {GOAL_CLIENTS} "
-                         f"clients; mean of 2) | | {rate:,.0f} | {rate / ceiling:.2f}x | | | | {batch} |")
+                         f"clients; mean of 2) | | {rate:,.0f} | {rate / ceiling:.2f}x | | | | "
+                         f"{batch} |")
         for way, clients, rate, near, p50, p99, cpu, batch in case["rows"]:
             lines.append(f"| {name} | {way} | {clients} | {rate:,.0f} | {rate / near:.2f}x"
                          f" | {p50:.1f} | {p99:.1f} | {cpu:.2f} | {batch:.1f} |")
