@@ -16,13 +16,17 @@ TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ", re.
 ABSL_BANNER = "All log messages before absl::InitializeLog()"
 
 
+def without_log_settings():
+    """This process's environment without TensorFlow's and tlkit's log settings."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("TF_CPP_MIN_LOG_LEVEL", "TLKIT_TF_LOGS")}
+
+
 def tlkit(*args, **env):
     """Runs `tlkit ARGS` in a new process, with none of TensorFlow's log settings inherited."""
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("TF_CPP_MIN_LOG_LEVEL", "TLKIT_TF_LOGS")}
     return subprocess.run([sys.executable, "-c", "from tlkit.cli import main; main()",
                            *map(str, args)], capture_output=True, text=True, timeout=600,
-                          env={**environment, **env})
+                          env={**without_log_settings(), **env})
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,6 @@ def test_predict_is_quiet_and_exits_without_a_final_garbage_collection(fitted, t
     process spends after its first exit handler (which prints its own CPU time) until it
     has exited (wait4's account of it) stays small."""
     base, _ = fitted
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("TF_CPP_MIN_LOG_LEVEL", "TLKIT_TF_LOGS")}
     image = next((base / "shapes" / "circle").iterdir())
     marker = ("import atexit, time; atexit.register(lambda: print('EXITING', "
               "time.process_time(), flush=True)); from tlkit.cli import main; main()")
@@ -83,7 +85,7 @@ def test_predict_is_quiet_and_exits_without_a_final_garbage_collection(fitted, t
         process = subprocess.Popen([sys.executable, "-c", marker, "predict", str(image),
                                     "--model", str(base / "exports" / "shapes")],
                                    stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env=environment)
+                                   env=without_log_settings())
     try:
         lines = list(process.stdout)  # to its end: the process has closed its stdout
         marker_lines = [line for line in lines if line.startswith("EXITING")]
@@ -98,6 +100,7 @@ def test_predict_is_quiet_and_exits_without_a_final_garbage_collection(fitted, t
             time.sleep(0.05)
     finally:
         process.kill()
+        process.wait()  # reaps it when wait4 did not
         process.stdout.close()
     assert os.waitstatus_to_exitcode(status) == 0
     assert "circle" in "".join(lines) or "square" in "".join(lines)
